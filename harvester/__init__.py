@@ -1,0 +1,36 @@
+"""harvester: pull async completions out of the Massive API into a Parquet dataset."""
+
+from .client import CompletionsClient, Kind
+from .errors import (
+    BadResponseError,
+    FatalApiError,
+    HarvesterError,
+    InputError,
+    ServerError,
+    SinkError,
+    ThrottledError,
+    TransientError,
+    TransportError,
+    UsageError,
+)
+from .runner import RunResult, harvest
+from .settings import RunSettings
+
+__all__ = [
+    "BadResponseError",
+    "CompletionsClient",
+    "FatalApiError",
+    "HarvesterError",
+    "InputError",
+    "Kind",
+    "RunResult",
+    "RunSettings",
+    "ServerError",
+    "SinkError",
+    "ThrottledError",
+    "TransientError",
+    "TransportError",
+    "UsageError",
+    "harvest",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,213 @@
+"""The API boundary: one ``GET /ai/completions?id=`` and what its answer means.
+
+Every aiohttp exception and every unusable answer is converted here into the package's
+error families (``raise ... from exc``), so the scheduler deals in outcomes, not HTTP.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from .errors import (
+    BadResponseError,
+    FatalApiError,
+    ServerError,
+    ThrottledError,
+    TransientError,
+    TransportError,
+)
+
+COMPLETION_STRINGS = ("model", "query", "html", "prompt", "completion", "sources", "ads")
+TARGETING_FIELDS = ("device", "country", "subdivision", "city")
+KNOWN_FIELDS = frozenset((*COMPLETION_STRINGS, "fanouts", *TARGETING_FIELDS))
+PENDING_STATUSES = frozenset(("retrieving", "archiving"))  # archiving: the newer API's step
+_FATAL_HINTS = {
+    401: "the API got no token: set MASSIVE_API_TOKEN (or --token-file)",
+    402: "the account is out of credit: top it up, then rerun the same command",
+    403: "the API rejected the token: check MASSIVE_API_TOKEN",
+}
+
+
+class Kind(enum.Enum):
+    """What one poll established about an id."""
+
+    COMPLETED = "completed"
+    RETRIEVING = "retrieving"
+    FAILED = "failed"
+    INVALID = "invalid"
+
+
+Completion = dict[str, Any]
+
+
+def make_session(
+    token: str, *, limit: int, connect_timeout: float, request_timeout: float
+) -> aiohttp.ClientSession:
+    """A session with auth and JSON headers set once, not per request; call inside the loop."""
+    timeout = aiohttp.ClientTimeout(
+        total=request_timeout, sock_connect=connect_timeout, sock_read=request_timeout
+    )
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300)
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers, raise_for_status=False
+    )
+
+
+class CompletionsClient:
+    """Polls one id at a time over an injected session; measures each request's latency."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        *,
+        token: str,
+        max_body_bytes: int,
+        retry_after_max: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._prefix = endpoint + "?id="
+        self._token = token
+        self._max_body = max_body_bytes
+        self._retry_after_max = retry_after_max
+        self._clock = clock
+        self.last_latency = 0.0
+
+    async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
+        """Ask once for ``conversation_id``; raise a ``TransientError`` or ``FatalApiError``."""
+        # The id is a canonical uuid (validated upstream), so the URL needs no quoting.
+        url = URL(self._prefix + conversation_id, encoded=True)
+        started = self._clock()
+        try:
+            async with self._session.get(url, allow_redirects=False) as resp:
+                body = await self._read_body(resp)
+                status, headers = resp.status, resp.headers
+        except TransientError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise TransportError("timeout", "request timed out") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError("connect_error", f"cannot connect: {exc.os_error}") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise BadResponseError("truncated_body", "body ended early") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise TransportError("disconnected", "connection dropped") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError("client_error", type(exc).__name__) from exc
+        finally:
+            self.last_latency = self._clock() - started
+        return self._interpret(status, headers, body)
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        length = resp.content_length
+        if length is not None and length > self._max_body:
+            raise BadResponseError("too_large", f"body of {length} bytes over the cap")
+        if length is not None:
+            return await resp.read()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > self._max_body:
+                raise BadResponseError("too_large", f"body over the {self._max_body}-byte cap")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _interpret(self, status: int, headers: Any, body: bytes) -> tuple[Kind, Completion | None]:
+        if status == 200:
+            return parse_ok(headers.get("Content-Type", ""), body)
+        if status == 202:
+            return parse_status(body), None
+        if status == 422:
+            return Kind.INVALID, None
+        if status in (429, 503):
+            wait = parse_retry_after(headers.get("Retry-After"), self._retry_after_max)
+            raise ThrottledError(status, wait)
+        if status in _FATAL_HINTS:
+            text = self._redact(body.decode("utf-8", "replace").strip()[:200])
+            raise FatalApiError(status, f"HTTP {status} ({text!r}): {_FATAL_HINTS[status]}")
+        raise ServerError(status)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+
+def parse_ok(content_type: str, body: bytes) -> tuple[Kind, Completion | None]:
+    """A 200 answer: a Completion (or, in the API's newer form, a status object)."""
+    if "json" not in content_type.lower():
+        raise BadResponseError("not_json", f"200 answered with {content_type or 'no type'}")
+    doc = _loads(body)
+    if "model" not in doc and isinstance(doc.get("status"), str):
+        return parse_status_doc(doc), None
+    return Kind.COMPLETED, validate_completion(doc)
+
+
+def parse_status(body: bytes) -> Kind:
+    """A 202 answer: ``{"status": "retrieving" | "failed"}``."""
+    return parse_status_doc(_loads(body))
+
+
+def parse_status_doc(doc: dict[str, Any]) -> Kind:
+    """Map a status object to what it means for the id."""
+    status = doc.get("status")
+    if status in PENDING_STATUSES:
+        return Kind.RETRIEVING
+    if status == "failed":
+        return Kind.FAILED
+    raise BadResponseError("unknown_status", f"unknown status {str(status)[:40]!r}")
+
+
+def validate_completion(doc: dict[str, Any]) -> Completion:
+    """Check the Completion's shape; a wrong shape is retried, never stored."""
+    for name in COMPLETION_STRINGS:
+        if not isinstance(doc.get(name), str):
+            raise BadResponseError("bad_shape", f"field {name!r} missing or not a string")
+    if not doc["model"]:
+        raise BadResponseError("bad_shape", "field 'model' is empty")
+    fanouts = doc.get("fanouts")
+    if fanouts is None:
+        doc["fanouts"] = []  # some models expose no fanouts; null and absent mean none
+    elif not isinstance(fanouts, list) or not all(isinstance(f, str) for f in fanouts):
+        raise BadResponseError("bad_shape", "field 'fanouts' is not a list of strings")
+    for name in TARGETING_FIELDS:
+        value = doc.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadResponseError("bad_shape", f"field {name!r} is not a string or null")
+    return doc
+
+
+def _loads(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadResponseError("bad_json", "body is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise BadResponseError("bad_shape", "body is not a JSON object")
+    return doc
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds to wait from a Retry-After header: seconds (decimals accepted) or an HTTP date."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)

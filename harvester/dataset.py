@@ -1,0 +1,154 @@
+"""The output dataset's layout: schema, partition paths, and reading back what is done.
+
+Layout: ``DIR/harvest_date=YYYY-MM-DD/model=<value>/part-<run>-<seq>.parquet``. Partition
+values are URI-encoded (what pyarrow, DuckDB, Polars and Spark decode), so a server value such
+as ``../../x`` becomes one harmless path segment. Partition columns are not repeated inside
+the files: readers take them from the path, and pandas refuses a column found in both.
+Names starting with ``_`` or ``.`` hold metadata or files being written; readers skip them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from .errors import SinkError
+from .ids import invalid_key
+from .idset import KEY_DTYPE, IdSet, Keys, as_keys
+
+META_DIR = "_harvester"
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # the hive convention for a null value
+MAX_SEGMENT_VALUE = 120  # bytes of an encoded partition value; file systems allow 255
+PARTITION_COLUMNS = ("harvest_date", "model")
+
+FILE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("query", pa.string()),
+        pa.field("html", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("completion", pa.string()),
+        pa.field("sources", pa.string()),
+        pa.field("ads", pa.string()),
+        pa.field("fanouts", pa.list_(pa.string())),
+        pa.field("device", pa.string()),
+        pa.field("country", pa.string()),
+        pa.field("subdivision", pa.string()),
+        pa.field("city", pa.string()),
+        pa.field("polls", pa.int32(), nullable=False),
+        pa.field("harvested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # Fields the server sent beyond the spec, as a JSON object (null when none): lossless.
+        pa.field("extra", pa.string()),
+    ]
+)
+HIVE_PARTITIONING = ds.partitioning(
+    pa.schema([("harvest_date", pa.string()), ("model", pa.string())]), flavor="hive"
+)
+
+
+def partition_value(value: str | None) -> str:
+    """One path segment's value for ``value``: URI-encoded, length-capped, never a path."""
+    if value is None:
+        return NULL_PARTITION
+    encoded = quote(value, safe="")
+    if len(encoded) <= MAX_SEGMENT_VALUE and encoded not in ("", ".", ".."):
+        return encoded
+    # Too long (or empty): a prefix plus a digest keeps it unique and short; the full value
+    # is kept in the row's ``extra`` column by the sink.
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{quote(value[:24], safe='')[:60]}~{digest}"
+
+
+def is_lossless(value: str | None) -> bool:
+    """True when readers get ``value`` back exactly from its partition segment."""
+    return value is None or partition_value(value) == quote(value, safe="")
+
+
+def partition_dir(root: Path, harvest_date: str, model: str | None) -> Path:
+    """Directory of one partition, always inside ``root``."""
+    return root / f"harvest_date={harvest_date}" / f"model={partition_value(model)}"
+
+
+def open_dataset(root: Path) -> ds.Dataset:
+    """The committed dataset under ``root`` (hidden and metadata paths are skipped)."""
+    try:
+        return ds.dataset(
+            root,
+            format="parquet",
+            partitioning=HIVE_PARTITIONING,
+            exclude_invalid_files=False,
+            ignore_prefixes=[".", "_"],
+        )
+    except (pa.ArrowException, OSError) as exc:
+        raise SinkError(f"{root}: cannot open the dataset ({exc})") from exc
+
+
+def load_done(root: Path) -> IdSet:
+    """Keys of every id that already has a row under ``root``: what a rerun must skip."""
+    done = IdSet()
+    if not root.exists():
+        return done
+    try:
+        scanner = open_dataset(root).scanner(columns=["id", "status"], batch_size=1 << 20)
+        for batch in scanner.to_batches():
+            done.update(_batch_keys(batch))
+    except (pa.ArrowException, OSError) as exc:
+        raise SinkError(f"{root}: cannot read the existing rows ({exc})") from exc
+    return done
+
+
+def _batch_keys(batch: pa.RecordBatch) -> Keys:
+    ids = batch.column("id")
+    is_invalid = pc.equal(batch.column("status"), "invalid")
+    uuids = ids.filter(pc.invert(is_invalid))
+    invalid = ids.filter(is_invalid).to_pylist()
+    keys = uuid_keys(uuids)
+    if invalid:
+        keys = np.concatenate((keys, as_keys([invalid_key(value) for value in invalid])))
+    return keys
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+_HYPHENS = np.array([8, 13, 18, 23])
+_HEX_COLUMNS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+
+
+def uuid_keys(ids: pa.Array) -> Keys:
+    """16-byte keys of canonical uuid strings, decoded in bulk rather than one by one."""
+    if not len(ids):
+        return np.empty(0, dtype=KEY_DTYPE)
+    flat = ids.cast(pa.large_string())
+    lengths = pc.min_max(pc.binary_length(flat)).as_py()
+    if ids.null_count or lengths != {"min": 36, "max": 36}:
+        raise SinkError("the dataset holds a non-uuid id outside an invalid row")
+    offsets = np.frombuffer(flat.buffers()[1], dtype=np.int64)
+    start = offsets[flat.offset]
+    data = np.frombuffer(flat.buffers()[2], dtype=np.uint8)[start : start + 36 * len(flat)]
+    rows = data.reshape(-1, 36)
+    nibbles = _HEX[rows[:, _HEX_COLUMNS]]
+    if (nibbles == 255).any() or (rows[:, _HYPHENS] != ord("-")).any():
+        raise SinkError("the dataset holds a non-uuid id outside an invalid row")
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(KEY_DTYPE).reshape(-1)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,179 @@
+"""Reading conversation ids: normalisation to canonical uuids and a streaming CSV reader.
+
+The reader never holds the file: it yields batches of a few thousand values, each with the
+16-byte key that the compact ``IdSet`` stores. Values that are not uuids are kept (clipped)
+so that they become ``invalid`` rows instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .errors import InputError
+from .idset import Keys, as_keys
+
+# Canonical form: what the API issues and what the dataset stores.
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Forms people paste: any case, with or without hyphens, in braces or as a urn.
+_LENIENT = re.compile(
+    r"(?:urn:uuid:)?(\{)?([0-9a-f]{8})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{4})-?"
+    r"([0-9a-f]{12})(?(1)\})",
+    re.IGNORECASE,
+)
+MAX_INVALID_CHARS = 1024  # an invalid value is stored (and deduplicated) by its first 1024 chars
+_SNIFF_BYTES = 64 * 1024
+_FIELD_LIMIT = 16 * 1024 * 1024
+
+
+def normalise(raw: str) -> str | None:
+    """Canonical lowercase hyphenated uuid for ``raw``, or None when it is not a uuid."""
+    value = raw.strip()
+    if _CANONICAL.fullmatch(value):
+        return value
+    match = _LENIENT.fullmatch(value)
+    if match is None:
+        return None
+    a, b, c, d, e = (part.lower() for part in match.groups()[1:])
+    return f"{a}-{b}-{c}-{d}-{e}"
+
+
+def uuid_key(canonical: str) -> bytes:
+    """The 16 raw bytes of a canonical uuid: its key in an ``IdSet``."""
+    return bytes.fromhex(canonical.replace("-", ""))
+
+
+def invalid_value(raw: str) -> str:
+    """What an invalid row stores as its id: the trimmed value, clipped."""
+    return raw.strip()[:MAX_INVALID_CHARS]
+
+
+def invalid_key(stored: str) -> bytes:
+    """Key of an invalid value; a keyed hash so it cannot collide with a uuid's bytes."""
+    data = stored.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16, person=b"harvester-inval").digest()
+
+
+@dataclass(slots=True)
+class Batch:
+    """A run of input values: ``ids[i]`` is canonical when ``valid[i]``, else the clipped raw."""
+
+    ids: list[str]
+    valid: list[bool]
+    keys: Keys
+    lines: list[int]
+
+
+def classify(values: list[str], lines: list[int]) -> Batch:
+    """Normalise a run of raw values and compute their keys."""
+    ids: list[str] = []
+    valid: list[bool] = []
+    keys: list[bytes] = []
+    for raw in values:
+        canonical = normalise(raw)
+        if canonical is None:
+            stored = invalid_value(raw)
+            ids.append(stored)
+            valid.append(False)
+            keys.append(invalid_key(stored))
+        else:
+            ids.append(canonical)
+            valid.append(True)
+            keys.append(uuid_key(canonical))
+    return Batch(ids, valid, as_keys(keys), lines)
+
+
+class IdReader:
+    """Streams ids from a CSV with a header naming the id column, or one id per line."""
+
+    def __init__(self, path: Path, *, id_column: str = "id", batch_size: int = 4096) -> None:
+        self.path = path
+        self.id_column = id_column
+        self.batch_size = batch_size
+        self.size_bytes = 0
+
+    def open(self) -> Iterator[Batch]:
+        """Check the file and return an iterator of batches; raises ``InputError`` with a reason."""
+        self.size_bytes = self._check_file()
+        csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+        handle = self.path.open(encoding="utf-8-sig", errors="replace", newline="")
+        try:
+            rows = csv.reader(handle)
+            column, first = self._locate_column(rows)
+            return self._batches(handle, rows, column, first)
+        except BaseException:
+            handle.close()
+            raise
+
+    def count_lines(self) -> int:
+        """Cheap upper bound on the number of ids, for progress and ETA."""
+        count = 0
+        with self.path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                count += chunk.count(b"\n")
+        return count + 1
+
+    def _check_file(self) -> int:
+        try:
+            with self.path.open("rb") as handle:
+                head = handle.read(_SNIFF_BYTES)
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory, not a CSV file") from None
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read it ({exc.strerror})") from exc
+        if not head.strip():
+            raise InputError(f"{self.path}: the file is empty; give a CSV of ids")
+        if b"\x00" in head:
+            raise InputError(f"{self.path}: looks binary (NUL bytes); give a CSV of ids")
+        return size
+
+    def _locate_column(self, rows: Iterator[list[str]]) -> tuple[int, list[str] | None]:
+        """Index of the id column, and the first row when it is data (headerless file)."""
+        first = next((row for row in rows if any(cell.strip() for cell in row)), None)
+        if first is None:
+            raise InputError(f"{self.path}: the file has no rows")
+        wanted = self.id_column.strip().lower()
+        names = [cell.strip().strip("\ufeff").lower() for cell in first]
+        if wanted in names:
+            return names.index(wanted), None
+        if len(first) == 1 and normalise(first[0]) is not None:
+            return 0, first  # headerless: one id per line
+        shown = ", ".join(repr(cell) for cell in first[:5])
+        raise InputError(
+            f"{self.path}: no {self.id_column!r} column in the header ({shown}); "
+            "name the column with --id-column, or give one id per line"
+        )
+
+    def _batches(
+        self, handle: TextIO, rows: Iterator[list[str]], column: int, first: list[str] | None
+    ) -> Iterator[Batch]:
+        values: list[str] = []
+        lines: list[int] = []
+        reader = rows  # csv.reader exposes line_num; keep the name for clarity
+        try:
+            if first is not None:
+                values.append(first[0])
+                lines.append(1)
+            for row in reader:
+                if column >= len(row) or not row[column].strip():
+                    continue  # blank line, or a short row with no id: nothing to harvest
+                values.append(row[column])
+                lines.append(reader.line_num)  # type: ignore[attr-defined]
+                if len(values) >= self.batch_size:
+                    yield classify(values, lines)
+                    values, lines = [], []
+            if values:
+                yield classify(values, lines)
+        except csv.Error as exc:
+            line = reader.line_num  # type: ignore[attr-defined]
+            raise InputError(f"{self.path}:{line}: not valid CSV ({exc})") from exc
+        finally:
+            handle.close()

@@ -1,0 +1,112 @@
+"""Run counters and a constant-memory latency histogram, and the summary built from them."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+_MIN_MS = 0.01
+_GROWTH = math.log(1.01)  # 1% wide buckets: percentiles within 1% whatever the range
+_BUCKETS = 2200  # 0.01 ms * 1.01**2200 is past 10 minutes
+
+
+class LatencyHistogram:
+    """Log-bucketed request latencies; memory stays the same however many are recorded."""
+
+    __slots__ = ("_counts", "count", "max_ms")
+
+    def __init__(self) -> None:
+        self._counts = [0] * _BUCKETS
+        self.count = 0
+        self.max_ms = 0.0
+
+    def record(self, seconds: float) -> None:
+        """Add one latency."""
+        ms = seconds * 1000.0
+        index = int(math.log(ms / _MIN_MS) / _GROWTH) if ms > _MIN_MS else 0
+        self._counts[min(index, _BUCKETS - 1)] += 1
+        self.count += 1
+        if ms > self.max_ms:
+            self.max_ms = ms
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0-100) in milliseconds, at the top of its bucket."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(self.count * q / 100.0))
+        seen = 0
+        for index, n in enumerate(self._counts):
+            seen += n
+            if seen >= rank:
+                return min(_MIN_MS * math.exp(_GROWTH * (index + 1)), self.max_ms)
+        return self.max_ms
+
+    def summary(self) -> dict[str, float]:
+        """p50/p90/p99/max in milliseconds, rounded for display."""
+        return {
+            "p50": round(self.percentile(50), 2),
+            "p90": round(self.percentile(90), 2),
+            "p99": round(self.percentile(99), 2),
+            "max": round(self.max_ms, 2),
+        }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class RunStats:
+    """Everything counted during one run; the summary and the progress display read it."""
+
+    unique_ids: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+    completed: int = 0
+    failed: int = 0
+    invalid: int = 0
+    unresolved: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    in_flight: int = 0
+    rows_written: int = 0
+    files_written: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def finished(self) -> int:
+        """Ids with an outcome this run (rows written or pending write, and unresolved)."""
+        return self.completed + self.failed + self.invalid + self.unresolved
+
+    def summary(self, elapsed: float, **extra: Any) -> dict[str, Any]:
+        """The run's report, as printed with --json and saved in the dataset's metadata."""
+        elapsed = max(elapsed, 1e-9)
+        return {
+            "unique_ids": self.unique_ids,
+            "already_done": self.already_done,
+            "completed": self.completed,
+            "failed": self.failed,
+            "invalid": self.invalid,
+            "unresolved": self.unresolved,
+            "duplicates": self.duplicates,
+            "requests": self.requests,
+            "retries": self.retries,
+            "throttled": self.throttled,
+            "errors": dict(sorted(self.errors.items())),
+            "rows_written": self.rows_written,
+            "files_written": self.files_written,
+            "elapsed_s": round(elapsed, 3),
+            "requests_per_s": round(self.requests / elapsed, 1),
+            "ids_per_s": round(self.finished / elapsed, 1),
+            "latency_ms": self.latency.summary(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            **extra,
+        }

@@ -1,0 +1,241 @@
+"""One harvest run: wires input, scheduler, client, sink and report together inside the loop.
+
+The limiter, session and sink are created here, inside the running loop and once per run;
+a session can be injected so tests can replace the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .client import CompletionsClient, make_session
+from .dataset import META_DIR, load_done
+from .errors import InputError
+from .ids import Batch, IdReader
+from .idset import IdSet
+from .metrics import RunStats
+from .progress import Progress
+from .scheduler import Policy, Scheduler
+from .settings import RunSettings
+from .sink import ParquetSink, new_run_id
+from .throttle import Pacer
+
+log = logging.getLogger("harvester")
+
+EXIT_OK = 0
+EXIT_UNRESOLVED = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_OUTPUT = 4
+EXIT_INTERRUPTED = 130
+STOP_GRACE_SECONDS = 10.0
+
+
+@dataclass
+class RunResult:
+    """What the command line needs: an exit code, the summary, and the abort reason if any."""
+
+    exit_code: int
+    summary: dict[str, Any]
+    message: str | None = None
+
+
+async def _batches_from(it: Iterator[Batch]) -> AsyncIterator[Batch]:
+    """Pull batches in a worker thread so that reading the file never blocks the loop."""
+    while (batch := await asyncio.to_thread(next, it, None)) is not None:
+        yield batch
+
+
+async def _first_batch_checked(it: Iterator[Batch], path: Path) -> AsyncIterator[Batch]:
+    """Like ``_batches_from``, but a file with no id at all is a usage error (exit 2)."""
+    first = await asyncio.to_thread(next, it, None)
+    if first is None:
+        raise InputError(f"{path}: no ids after the header; give at least one id")
+    yield first
+    async for batch in _batches_from(it):
+        yield batch
+
+
+class Run:
+    """State of one ``harvester run`` between start and summary."""
+
+    def __init__(self, settings: RunSettings, session: aiohttp.ClientSession | None) -> None:
+        self.settings = settings
+        self.stats = RunStats()
+        self.run_id = new_run_id()
+        self._session = session
+        self._interrupted = 0
+        self._scheduler: Scheduler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    async def execute(self) -> RunResult:
+        """Harvest, commit and report; the session is closed only if this run opened it."""
+        s = self.settings
+        reader = IdReader(s.ids_path, id_column=s.id_column)
+        batches = await asyncio.to_thread(reader.open)
+        total = await asyncio.to_thread(reader.count_lines)
+        done = await asyncio.to_thread(load_done, s.out_dir)
+        session = self._session or make_session(
+            s.token,
+            limit=s.concurrency,
+            connect_timeout=s.connect_timeout,
+            request_timeout=s.request_timeout,
+        )
+        started = time.monotonic()
+        try:
+            sink = ParquetSink(
+                s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
+            )
+            await self._harvest(
+                session, sink, _first_batch_checked(batches, s.ids_path), done, total
+            )
+        finally:
+            if self._session is None:
+                await session.close()
+        return self._finish(time.monotonic() - started, sink)
+
+    async def _harvest(
+        self,
+        session: aiohttp.ClientSession,
+        sink: ParquetSink,
+        batches: AsyncIterator[Batch],
+        done: IdSet,
+        total: int,
+    ) -> None:
+        s = self.settings
+        client = CompletionsClient(
+            session,
+            s.endpoint,
+            token=s.token,
+            max_body_bytes=s.max_body_bytes,
+            retry_after_max=s.retry_after_max,
+            clock=asyncio.get_running_loop().time,
+        )
+        scheduler = self._scheduler = Scheduler(
+            client=client,
+            pacer=Pacer(s.rate),
+            sink=sink,
+            stats=self.stats,
+            policy=Policy(
+                poll_interval=s.poll_interval,
+                max_poll_interval=s.max_poll_interval,
+                max_wait=s.max_wait,
+                max_retries=s.max_retries,
+                backoff_base=s.backoff_base,
+                backoff_max=s.backoff_max,
+            ),
+            concurrency=s.concurrency,
+            max_in_play=s.max_in_play,
+        )
+        progress = Progress(self.stats, total=total, enabled=s.progress, interval=s.log_interval)
+        flusher = asyncio.create_task(self._flush_every(sink))
+        self._install_signals()
+        try:
+            with progress:
+                await self._run_scheduler(scheduler, batches, done)
+            await sink.flush()
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self._remove_signals()
+            self.stats.unresolved += scheduler.in_play  # stopped early: no row, next run polls
+            self.stats.rows_written = sink.rows_written
+            self.stats.files_written = sink.files_written
+
+    async def _run_scheduler(
+        self, scheduler: Scheduler, batches: AsyncIterator[Batch], done: IdSet
+    ) -> None:
+        task = self._task = asyncio.create_task(scheduler.run(batches, IdSet(), done))
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we were cancelled from outside, not by a stop deadline
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+
+    async def _flush_every(self, sink: ParquetSink) -> None:
+        """Commit at least every ``flush_interval`` seconds: the most a crash can lose."""
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            await sink.flush()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """First signal: stop polling, let in-flight requests end (bounded). Second: now."""
+        self._interrupted += 1
+        if self._interrupted == 1 and self._scheduler is not None:
+            log.warning(
+                "%s: finishing in-flight requests (up to %.0f s), then committing; "
+                "signal again to stop at once",
+                sig.name,
+                STOP_GRACE_SECONDS,
+            )
+            self._scheduler.stop()
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(STOP_GRACE_SECONDS, self._cancel_scheduler)
+        else:
+            log.warning("%s again: stopping now; committed rows are kept", sig.name)
+            self._cancel_scheduler()
+
+    def _cancel_scheduler(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _finish(self, elapsed: float, sink: ParquetSink) -> RunResult:
+        fatal = self._scheduler.fatal if self._scheduler else None
+        if fatal is not None:
+            code, message = EXIT_AUTH, str(fatal)
+        elif self._interrupted:
+            code, message = EXIT_INTERRUPTED, "interrupted; rerun the same command to resume"
+        elif self.stats.unresolved:
+            code, message = EXIT_UNRESOLVED, None
+        else:
+            code, message = EXIT_OK, None
+        summary = self.stats.summary(
+            elapsed, run_id=self.run_id, out=str(self.settings.out_dir), exit_code=code
+        )
+        _save_report(self.settings.out_dir, self.run_id, summary)
+        return RunResult(code, summary, message)
+
+
+def _save_report(root: Path, run_id: str, summary: dict[str, Any]) -> None:
+    """Keep the run's report beside the data, in a metadata path readers skip."""
+    directory = root / META_DIR / "runs"
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{run_id}.json.tmp"
+    tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    tmp.replace(directory / f"{run_id}.json")
+
+
+async def harvest(
+    settings: RunSettings, *, session: aiohttp.ClientSession | None = None
+) -> RunResult:
+    """Run one harvest to the end and return its exit code and summary."""
+    return await Run(settings, session).execute()

@@ -1,0 +1,97 @@
+"""Run settings, validated when created so that a bad value fails before any request."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import UsageError
+
+DEFAULT_BASE_URL = "https://render.joinmassive.com"
+ENDPOINT_PATH = "/ai/completions"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8 or ::1, where plain http cannot leak a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Everything ``harvester run`` needs; every value checked in ``__post_init__``."""
+
+    ids_path: Path
+    out_dir: Path
+    token: str = field(repr=False)  # never shown: not in repr, logs or reports
+    base_url: str = DEFAULT_BASE_URL
+    rate: float = 50.0
+    concurrency: int = 64
+    max_in_play: int = 5000
+    max_wait: float = 600.0
+    poll_interval: float = 4.0
+    max_poll_interval: float = 30.0
+    max_retries: int = 10
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    retry_after_max: float = 300.0
+    id_column: str = "id"
+    flush_interval: float = 5.0
+    flush_rows: int = 50_000
+    flush_bytes: int = 64 * 1024 * 1024
+    request_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    max_body_bytes: int = 25 * 1024 * 1024
+    progress: bool = True
+    json_summary: bool = False
+    allow_insecure: bool = False
+    log_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.token), "no API token: set MASSIVE_API_TOKEN or pass --token-file")
+        _require(self.rate > 0, f"--rate must be > 0 requests/s (got {self.rate})")
+        _require(self.concurrency >= 1, f"--concurrency must be >= 1 (got {self.concurrency})")
+        _require(self.max_in_play >= 1, f"--max-in-play must be >= 1 (got {self.max_in_play})")
+        _require(self.max_wait > 0, f"--max-wait must be > 0 seconds (got {self.max_wait})")
+        _require(self.poll_interval > 0, "--poll-interval must be > 0 seconds")
+        _require(
+            self.max_poll_interval >= self.poll_interval,
+            "--max-poll-interval must be >= --poll-interval",
+        )
+        _require(self.max_retries >= 0, "--max-retries must be >= 0")
+        _require(self.backoff_base > 0 and self.backoff_max >= self.backoff_base, "bad backoff")
+        _require(self.flush_interval > 0, "--flush-interval must be > 0 seconds")
+        _require(self.flush_rows >= 1 and self.flush_bytes >= 1, "flush thresholds must be >= 1")
+        _require(self.request_timeout > 0, "--request-timeout must be > 0 seconds")
+        _require(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
+        _require(bool(self.id_column.strip()), "--id-column must not be empty")
+        self._check_base_url()
+
+    def _check_base_url(self) -> None:
+        parts = urlsplit(self.base_url)
+        _require(
+            parts.scheme in ("http", "https") and bool(parts.hostname),
+            f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL} (got {self.base_url!r})",
+        )
+        insecure = parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+        _require(
+            not insecure or self.allow_insecure,
+            f"refusing to send the token over plain http to {parts.hostname}; use https, "
+            "or pass --allow-insecure if you accept that risk",
+        )
+
+    @property
+    def endpoint(self) -> str:
+        """Full URL of the completions endpoint."""
+        return self.base_url.rstrip("/") + ENDPOINT_PATH

@@ -1,0 +1,184 @@
+"""Buffers terminal rows and commits them as Parquet files, encoded off the event loop.
+
+A file is written under a hidden temporary name, fsynced, then renamed into place: a file a
+reader can see is always complete, and a row is done exactly when its file is renamed. What
+was buffered but not yet committed is lost on a crash (at most ``flush_interval`` of work)
+and is polled again by the next run, so nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .client import KNOWN_FIELDS, Completion
+from .dataset import FILE_SCHEMA, fsync_dir, is_lossless, partition_dir
+from .errors import SinkError
+
+_STRING_FIELDS = ("query", "html", "prompt", "completion", "sources", "ads")
+_TARGETING = ("device", "country", "subdivision", "city")
+
+
+def new_run_id(clock: Callable[[], float] = time.time) -> str:
+    """A sortable, collision-free name for this run's files."""
+    stamp = datetime.fromtimestamp(clock(), UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class _Columns:
+    """Rows of one partition, column by column, until the next flush."""
+
+    id: list[str] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    texts: dict[str, list[str | None]] = field(
+        default_factory=lambda: {name: [] for name in _STRING_FIELDS + _TARGETING}
+    )
+    fanouts: list[list[str] | None] = field(default_factory=list)
+    polls: list[int] = field(default_factory=list)
+    harvested_at: list[int] = field(default_factory=list)
+    extra: list[str | None] = field(default_factory=list)
+
+    def table(self) -> pa.Table:
+        arrays: dict[str, Any] = {"id": self.id, "status": self.status, **self.texts}
+        arrays.update(
+            fanouts=self.fanouts,
+            polls=self.polls,
+            harvested_at=self.harvested_at,
+            extra=self.extra,
+        )
+        return pa.table({name: arrays[name] for name in FILE_SCHEMA.names}, schema=FILE_SCHEMA)
+
+
+class ParquetSink:
+    """Collects rows by partition and commits them in files of large row groups."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        run_id: str,
+        flush_rows: int = 50_000,
+        flush_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.run_id = run_id
+        self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes
+        self._clock = clock
+        self._parts: dict[tuple[str, str | None], _Columns] = {}
+        self._rows = 0
+        self._bytes = 0
+        self._seq = 0
+        self._lock = asyncio.Lock()
+        self._day = (-1, "")
+        self.rows_written = 0
+        self.files_written = 0
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows buffered and not yet committed."""
+        return self._rows
+
+    def full(self) -> bool:
+        """True once the buffer should be committed."""
+        return self._rows >= self.flush_rows or self._bytes >= self.flush_bytes
+
+    def overfull(self) -> bool:
+        """True when producers must wait for a flush: keeps memory bounded."""
+        return self._rows >= 2 * self.flush_rows or self._bytes >= 2 * self.flush_bytes
+
+    def add(self, conversation_id: str, status: str, doc: Completion | None, polls: int) -> None:
+        """Buffer one terminal row (``doc`` is the validated Completion for completed ids)."""
+        now = self._clock()
+        model = doc["model"] if doc is not None else None
+        cols = self._columns(self._date(now), model)
+        cols.id.append(conversation_id)
+        cols.status.append(status)
+        cols.polls.append(polls)
+        cols.harvested_at.append(int(now * 1_000_000))
+        if doc is None:
+            for values in cols.texts.values():
+                values.append(None)
+            cols.fanouts.append(None)
+            cols.extra.append(None)
+        else:
+            self._bytes += self._add_doc(cols, doc)
+        self._bytes += 200
+        self._rows += 1
+
+    async def flush(self) -> None:
+        """Commit everything buffered so far; the encoding runs in a worker thread."""
+        async with self._lock:
+            if not self._rows:
+                return
+            parts, self._parts = self._parts, {}
+            self._rows, self._bytes = 0, 0
+            seq, self._seq = self._seq, self._seq + len(parts)
+            await asyncio.to_thread(self._write_all, parts, seq)
+
+    def _columns(self, day: str, model: str | None) -> _Columns:
+        key = (day, model)
+        cols = self._parts.get(key)
+        if cols is None:
+            cols = self._parts[key] = _Columns()
+        return cols
+
+    def _date(self, now: float) -> str:
+        day = int(now // 86400)
+        if self._day[0] != day:
+            self._day = (day, datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d"))
+        return self._day[1]
+
+    @staticmethod
+    def _add_doc(cols: _Columns, doc: Completion) -> int:
+        size = 0
+        for name in _STRING_FIELDS:
+            value = doc[name]
+            cols.texts[name].append(value)
+            size += len(value)
+        for name in _TARGETING:
+            cols.texts[name].append(doc.get(name))
+        cols.fanouts.append(doc["fanouts"])
+        extras = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
+        if not is_lossless(doc["model"]):
+            extras["model"] = doc["model"]  # the path holds a shortened value; keep the whole
+        cols.extra.append(orjson.dumps(extras).decode() if extras else None)
+        return size
+
+    def _write_all(self, parts: dict[tuple[str, str | None], _Columns], seq: int) -> None:
+        for offset, ((day, model), cols) in enumerate(parts.items()):
+            self._write_one(partition_dir(self.root, day, model), cols, seq + offset)
+
+    def _write_one(self, directory: Path, cols: _Columns, seq: int) -> None:
+        name = f"part-{self.run_id}-{seq:06d}.parquet"
+        tmp = directory / f".{name}.tmp"
+        try:
+            table = cols.table()
+            directory.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as handle:
+                pq.write_table(
+                    table, handle, compression="zstd", row_group_size=max(1, table.num_rows)
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, directory / name)
+            fsync_dir(directory)
+            # Counted here, in the writer thread, so a cancelled flush still counts its files.
+            self.rows_written += table.num_rows
+            self.files_written += 1
+        except (OSError, pa.ArrowException) as exc:
+            tmp.unlink(missing_ok=True)
+            raise SinkError(f"cannot write {directory / name}: {exc}") from exc
