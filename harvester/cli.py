@@ -183,7 +183,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
     return "\n".join(
         [
-            f"{summary['unique_ids']} unique ids in {summary['elapsed_s']:.1f} s -> {summary['out']}",
+            f"{summary['unique_ids']} unique ids in {summary['elapsed_s']:.1f} s "
+            f"-> {summary['out']}",
             f"  completed {summary['completed']}  failed {summary['failed']}  "
             f"invalid {summary['invalid']}  unresolved {summary['unresolved']}  "
             f"(already done {summary['already_done']}, duplicates {summary['duplicates']})",

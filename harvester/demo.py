@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import uuid
@@ -26,14 +27,19 @@ def write_demo_ids(path: Path, count: int, *, seed: int = DEMO_SEED) -> None:
             handle.write(f"{uuid.UUID(int=rng.getrandbits(128), version=4)}\n")
 
 
+def _fresh_start(out: Path, ids_path: Path, count: int) -> None:
+    """The demo always starts from scratch: a new ids file and no old dataset."""
+    if out.exists():
+        shutil.rmtree(out)
+    write_demo_ids(ids_path, count)
+
+
 async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
     """Serve the realistic profile time-compressed, harvest ``count`` ids into ``out``."""
     from .cli import format_summary
 
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts from scratch
     ids_path = out.parent / f"{out.name}-ids.csv"
-    write_demo_ids(ids_path, count)
+    await asyncio.to_thread(_fresh_start, out, ids_path, count)
     async with Simulator(
         token=DEMO_TOKEN, profile="realistic", seed=DEMO_SEED, time_scale=DEMO_TIME_SCALE
     ) as sim:

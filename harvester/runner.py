@@ -140,7 +140,7 @@ class Run:
             max_in_play=s.max_in_play,
         )
         progress = Progress(self.stats, total=total, enabled=s.progress, interval=s.log_interval)
-        flusher = asyncio.create_task(self._flush_every(sink))
+        flusher = asyncio.create_task(sink.commit_periodically(s.flush_interval))
         self._install_signals()
         try:
             with progress:
@@ -168,12 +168,6 @@ class Run:
         finally:
             if self._grace is not None:
                 self._grace.cancel()
-
-    async def _flush_every(self, sink: ParquetSink) -> None:
-        """Commit at least every ``flush_interval`` seconds: the most a crash can lose."""
-        while True:
-            await asyncio.sleep(self.settings.flush_interval)
-            await sink.flush()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -49,7 +49,7 @@ class RunSettings:
     id_column: str = "id"
     flush_interval: float = 5.0
     flush_rows: int = 50_000
-    flush_bytes: int = 64 * 1024 * 1024
+    flush_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 60.0
     connect_timeout: float = 10.0
     max_body_bytes: int = 25 * 1024 * 1024

@@ -9,6 +9,7 @@ and is polled again by the next run, so nothing is stored twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from sys import getsizeof
 from typing import Any
 
 import orjson
@@ -83,6 +85,7 @@ class ParquetSink:
         self._bytes = 0
         self._seq = 0
         self._lock = asyncio.Lock()
+        self._full = asyncio.Event()
         self._day = (-1, "")
         self.rows_written = 0
         self.files_written = 0
@@ -118,12 +121,23 @@ class ParquetSink:
             self._bytes += self._add_doc(cols, doc)
         self._bytes += 200
         self._rows += 1
+        if self.full():
+            self._full.set()
+
+    async def commit_periodically(self, interval: float) -> None:
+        """Commit when the buffer is full, and at least every ``interval`` seconds (the most
+        a crash can lose); runs until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), interval)
+            await self.flush()
 
     async def flush(self) -> None:
         """Commit everything buffered so far; the encoding runs in a worker thread."""
         async with self._lock:
             if not self._rows:
                 return
+            self._full.clear()
             parts, self._parts = self._parts, {}
             self._rows, self._bytes = 0, 0
             seq, self._seq = self._seq, self._seq + len(parts)
@@ -148,7 +162,7 @@ class ParquetSink:
         for name in _STRING_FIELDS:
             value = doc[name]
             cols.texts[name].append(value)
-            size += len(value)
+            size += getsizeof(value)  # real memory: non-ASCII text takes 2-4 bytes a char
         for name in _TARGETING:
             cols.texts[name].append(doc.get(name))
         cols.fanouts.append(doc["fanouts"])

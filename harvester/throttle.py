@@ -59,5 +59,6 @@ class Pacer:
             await asyncio.sleep(sent[0] + self._window - now)
 
     async def _wait_pause(self) -> None:
-        while (left := self._paused_until - self._loop.time()) > 0:
+        # A loop, not an Event: a later 429 may push the deadline out while we sleep.
+        while (left := self._paused_until - self._loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(left)
