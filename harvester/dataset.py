@@ -49,9 +49,10 @@ FILE_SCHEMA = pa.schema(
         pa.field("extra", pa.string()),
     ]
 )
-HIVE_PARTITIONING = ds.partitioning(
-    pa.schema([("harvest_date", pa.string()), ("model", pa.string())]), flavor="hive"
-)
+PARTITION_SCHEMA = pa.schema([("harvest_date", pa.string()), ("model", pa.string())])
+HIVE_PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
+# Given explicitly so that an empty or metadata-only DIR still has every column.
+DATASET_SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITION_SCHEMA])
 
 
 def partition_value(value: str | None) -> str:
@@ -59,7 +60,8 @@ def partition_value(value: str | None) -> str:
     if value is None:
         return NULL_PARTITION
     encoded = quote(value, safe="")
-    if len(encoded) <= MAX_SEGMENT_VALUE and encoded not in ("", ".", ".."):
+    # "model=.." is one harmless segment: the "model=" prefix makes "." and ".." plain names.
+    if 0 < len(encoded) <= MAX_SEGMENT_VALUE:
         return encoded
     # Too long (or empty): a prefix plus a digest keeps it unique and short; the full value
     # is kept in the row's ``extra`` column by the sink.
@@ -83,6 +85,7 @@ def open_dataset(root: Path) -> ds.Dataset:
         return ds.dataset(
             root,
             format="parquet",
+            schema=DATASET_SCHEMA,
             partitioning=HIVE_PARTITIONING,
             exclude_invalid_files=False,
             ignore_prefixes=[".", "_"],

@@ -1,0 +1,114 @@
+"""Shared fixtures: id files, fast run settings, and the simulator on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from harvester.dataset import open_dataset
+from harvester.settings import RunSettings
+from harvester.simulator import Simulator
+
+TOKEN = "test-token-7f3a9c"  # distinctive, so tests can grep outputs for it
+
+
+def make_ids(count: int, seed: int = 1) -> list[str]:
+    """Reproducible canonical uuids."""
+    rng = random.Random(seed)
+    return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(count)]
+
+
+def write_csv(path: Path, values: list[str], header: str | None = "id") -> Path:
+    """A CSV with an optional header and one value a line."""
+    lines = ([header] if header is not None else []) + values
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def fast_settings(ids: Path, out: Path, base_url: str, **overrides: Any) -> RunSettings:
+    """Settings whose waits are scaled down for tests; every loop still bounded by max_wait."""
+    base = RunSettings(
+        ids_path=ids,
+        out_dir=out,
+        token=TOKEN,
+        base_url=base_url,
+        rate=2000,
+        concurrency=32,
+        poll_interval=0.02,
+        max_poll_interval=0.1,
+        max_wait=20.0,
+        backoff_base=0.01,
+        backoff_max=0.1,
+        flush_interval=0.5,
+        progress=False,
+    )
+    return replace(base, **overrides)
+
+
+def read_rows(out: Path) -> pa.Table:
+    """Every committed row, with the partition columns, as readers see them."""
+    return open_dataset(out).to_table()
+
+
+def read_hive(out: Path) -> pa.Table:
+    """The dataset as a third-party reader sees it with plain hive partitioning."""
+    return ds.dataset(out, format="parquet", partitioning="hive").to_table()
+
+
+@pytest.fixture
+def sim_factory() -> Callable[..., Simulator]:
+    """Build simulators that tests enter themselves (``async with``)."""
+    return lambda **kw: Simulator(**{"token": TOKEN, "profile": "instant", **kw})
+
+
+class ThreadedSimulator:
+    """A simulator on its own loop in a thread, for tests that call the blocking CLI."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = {"token": TOKEN, "profile": "instant", **kwargs}
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.sim: Simulator | None = None
+
+    def _main(self) -> None:
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with Simulator(**self._kwargs) as sim:
+            self.sim = sim
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> ThreadedSimulator:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("simulator thread did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def base_url(self) -> str:
+        assert self.sim is not None
+        return self.sim.base_url
+
+    def stats(self) -> dict[str, Any]:
+        assert self.sim is not None
+        return self.sim.stats.as_dict()

@@ -1,0 +1,136 @@
+"""The command line as a contract: exit codes, one-line errors, the JSON summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from harvester.cli import main
+
+from .conftest import TOKEN, ThreadedSimulator, make_ids, write_csv
+
+REQUIRED_KEYS = {
+    "unique_ids",
+    "completed",
+    "failed",
+    "invalid",
+    "unresolved",
+    "requests",
+    "elapsed_s",
+    "requests_per_s",
+    "latency_ms",
+}
+
+
+def run_args(ids: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return ["run", "--ids", str(ids), "--out", str(out), "--base-url", url, "--no-progress", *extra]
+
+
+@pytest.fixture
+def token_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token comes from the environment, as in production."""
+    monkeypatch.setenv("MASSIVE_API_TOKEN", TOKEN)
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    (tmp / "empty.csv").write_text("")
+    (tmp / "header.csv").write_text("id\n")
+    (tmp / "binary.csv").write_bytes(b"\x00\x01\x02\xff" * 100)
+    (tmp / "nocol.csv").write_text("name,value\na,1\n")
+    (tmp / "adir.csv").mkdir()
+    return {
+        "empty": tmp / "empty.csv",
+        "header only": tmp / "header.csv",
+        "binary": tmp / "binary.csv",
+        "no id column": tmp / "nocol.csv",
+        "missing": tmp / "missing.csv",
+        "directory": tmp / "adir.csv",
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["empty", "header only", "binary", "no id column", "missing", "directory"]
+)
+@pytest.mark.usefixtures("token_env")
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    """Unusable input fails before any request: exit 2, one line on stderr, no traceback."""
+    path = _bad_inputs(tmp_path)[case]
+    code = main(run_args(path, tmp_path / "out", "http://127.0.0.1:9"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1
+    assert err[0].startswith("harvester: error:")
+    assert str(path) in err[0]
+
+
+def test_missing_token_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without MASSIVE_API_TOKEN or --token-file the run refuses to start and says what to do."""
+    monkeypatch.delenv("MASSIVE_API_TOKEN", raising=False)
+    ids = write_csv(tmp_path / "ids.csv", make_ids(3))
+    assert main(run_args(ids, tmp_path / "out", "http://127.0.0.1:9")) == 2
+    assert "MASSIVE_API_TOKEN" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("token_env")
+def test_plain_http_to_a_remote_host_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The token is not sent in clear text to a non-loopback host unless asked."""
+    ids = write_csv(tmp_path / "ids.csv", make_ids(3))
+    assert main(run_args(ids, tmp_path / "out", "http://example.com")) == 2
+    assert "--allow-insecure" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("token_env")
+def test_json_summary_is_the_only_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints one JSON object on stdout with the documented keys; logs go to stderr."""
+    ids = write_csv(tmp_path / "ids.csv", make_ids(120))
+    with ThreadedSimulator() as sim:
+        code = main(run_args(ids, tmp_path / "out", sim.base_url, "--json", "--rate", "1000"))
+    out = capsys.readouterr().out
+    summary = orjson.loads(out)
+    assert code == 0
+    assert summary.keys() >= REQUIRED_KEYS
+    assert set(summary["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert summary["unique_ids"] == summary["completed"] + summary["failed"] == 120
+    assert out.count("\n") == 1
+    saved = list((tmp_path / "out" / "_harvester" / "runs").glob("*.json"))
+    assert orjson.loads(saved[0].read_bytes())["unique_ids"] == 120
+
+
+def test_token_file_and_human_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--token-file works, and without --json a short human summary is printed."""
+    ids = write_csv(tmp_path / "ids.csv", make_ids(40))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with ThreadedSimulator() as sim:
+        args = run_args(ids, tmp_path / "out", sim.base_url, "--token-file", str(token_file))
+        code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "40 unique ids" in captured.out
+    assert TOKEN not in captured.out + captured.err
+
+
+def test_module_entry_point_and_help() -> None:
+    """``python -m harvester --help`` works and lists the three commands."""
+    done = subprocess.run(
+        [sys.executable, "-m", "harvester", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    for command in ("run", "serve", "demo"):
+        assert command in done.stdout

@@ -1,0 +1,382 @@
+"""End-to-end runs of the engine against the simulator and against scripted servers."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow.compute as pc
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from harvester.runner import EXIT_AUTH, EXIT_OK, EXIT_UNRESOLVED, harvest
+from harvester.simulator import NO_CREDIT_TOKEN, PROFILES, Simulator, expected_completion
+
+from .conftest import TOKEN, fast_settings, make_ids, read_hive, read_rows, write_csv
+
+SimFactory = Callable[..., Simulator]
+
+
+def completion(model: str = "chatgpt", **extra: Any) -> dict[str, Any]:
+    """A minimal valid Completion body."""
+    doc: dict[str, Any] = {
+        "model": model,
+        "query": "q",
+        "html": "<html>h</html>",
+        "prompt": "p",
+        "completion": "c",
+        "sources": "s",
+        "ads": "a",
+        "fanouts": ["f1", "f2"],
+        "device": None,
+        "country": "us",
+    }
+    doc.update(extra)
+    return doc
+
+
+Reply = Callable[[], web.StreamResponse]
+
+
+def ok(doc: dict[str, Any]) -> Reply:
+    return lambda: web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+def status(value: str, code: int = 202) -> Reply:
+    return lambda: web.json_response({"status": value}, status=code)
+
+
+def text(code: int, body: str = "error", **headers: str) -> Reply:
+    return lambda: web.Response(status=code, text=body, headers=headers)
+
+
+def raw(code: int, body: bytes, content_type: str) -> Reply:
+    return lambda: web.Response(status=code, body=body, content_type=content_type)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[[dict[str, list[Reply]]], Any]]:
+    """A server answering each id with its scripted replies in turn (the last one repeats)."""
+    servers: list[TestServer] = []
+
+    async def start(script: dict[str, list[Reply]]) -> TestServer:
+        calls: Counter[str] = Counter()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            conversation_id = request.query["id"]
+            replies = script[conversation_id]
+            reply = replies[min(calls[conversation_id], len(replies) - 1)]
+            calls[conversation_id] += 1
+            return reply()
+
+        app = web.Application()
+        app.router.add_get("/ai/completions", handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_instant_run_writes_one_row_per_id_with_served_content(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """Every id gets exactly one row whose content is what the simulator served."""
+    ids = make_ids(400)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    async with sim_factory(profile="instant", seed=7) as sim:
+        result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
+    s = result.summary
+    assert result.exit_code == EXIT_OK
+    assert s["unique_ids"] == 400
+    assert s["completed"] + s["failed"] == 400
+    rows = read_rows(tmp_path / "out")
+    assert sorted(rows.column("id").to_pylist()) == sorted(ids)
+    by_id = {r["id"]: r for r in rows.to_pylist()}
+    for conversation_id in ids[:50]:
+        expected = expected_completion(conversation_id, seed=7, profile="instant")
+        row = by_id[conversation_id]
+        if expected is None:
+            assert row["status"] == "failed"
+            assert row["model"] is None
+            continue
+        assert row["status"] == "completed"
+        for name in ("model", "query", "html", "prompt", "completion", "sources", "ads"):
+            assert row[name] == expected[name]
+        assert row["fanouts"] == expected["fanouts"]
+        assert row["polls"] == 1
+        assert row["harvested_at"].tzinfo is not None
+
+
+async def test_dataset_reads_as_is_in_duckdb_and_pyarrow(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """DuckDB and plain pyarrow hive reads see the same rows and the partition columns."""
+    path = write_csv(tmp_path / "ids.csv", make_ids(200))
+    out = tmp_path / "out"
+    async with sim_factory(profile="instant") as sim:
+        await harvest(fast_settings(path, out, sim.base_url))
+    table = read_hive(out)
+    assert table.num_rows == 200
+    assert {"harvest_date", "model", "id", "status", "fanouts", "polls"} <= set(table.column_names)
+    glob = f"{out}/**/*.parquet"
+    relation = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT model) "
+        f"FROM read_parquet('{glob}', hive_partitioning=true)"
+    )
+    assert relation is not None
+    [(count, models)] = relation.fetchall()
+    assert count == 200
+    assert models >= 1
+
+
+async def test_retrieving_ids_are_polled_again_until_ready(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """Ids still retrieving are re-polled, and each row counts the polls it took."""
+    calm = PROFILES["realistic"].without_faults()
+    path = write_csv(tmp_path / "ids.csv", make_ids(60))
+    async with sim_factory(profile=calm, time_scale=0.003) as sim:
+        result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
+    assert result.exit_code == EXIT_OK
+    polls = read_rows(tmp_path / "out").column("polls").to_pylist()
+    assert len(polls) == 60
+    assert max(polls) > 1
+    assert sum(polls) == result.summary["requests"]
+
+
+async def test_rate_limit_holds_at_the_server(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """The server never sees more than R+1 requests in any sliding second, and about R sustained."""
+    rate = 40
+    path = write_csv(tmp_path / "ids.csv", make_ids(130))
+    async with sim_factory(profile="instant") as sim:
+        started = time.monotonic()
+        result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url, rate=rate))
+        elapsed = time.monotonic() - started
+        stats = sim.stats
+    assert result.summary["requests"] == 130
+    assert stats.max_per_second <= rate + 1
+    assert elapsed >= (130 - rate - 1) / rate  # could not have gone faster than R
+    assert elapsed < 130 / (0.7 * rate) + 3  # loose: sustained well above 0.7 R
+
+
+async def test_concurrency_cap_holds_at_the_server(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """No more than C requests are ever in flight at the server, and C is reached."""
+    slow = PROFILES["instant"].__class__(
+        name="slow", models=PROFILES["instant"].models, html_bytes=500, latency_median_s=0.05
+    )
+    path = write_csv(tmp_path / "ids.csv", make_ids(120))
+    async with sim_factory(profile=slow) as sim:
+        await harvest(fast_settings(path, tmp_path / "out", sim.base_url, concurrency=5))
+        peak = sim.stats.peak_in_flight
+    assert peak <= 5
+    assert peak >= 3  # loose: the cap is used, not just respected
+
+
+async def test_every_outcome_against_a_scripted_server(
+    tmp_path: Path, scripted: Callable[[dict[str, list[Reply]]], Any]
+) -> None:
+    """Each kind of answer leads to the documented outcome and nothing wrong is stored."""
+    ids = make_ids(9)
+    script = {
+        ids[0]: [ok(completion("gemini"))],
+        ids[1]: [status("retrieving"), status("retrieving"), ok(completion("copilot"))],
+        ids[2]: [status("failed")],
+        ids[3]: [text(422, "Character counts must be no more than 255")],
+        ids[4]: [text(500), text(504), ok(completion())],
+        ids[5]: [text(429, "slow down", **{"Retry-After": "0.05"}), ok(completion())],
+        ids[6]: [raw(200, b'{"model": "chatgpt", "qu', "application/json"), ok(completion())],
+        ids[7]: [raw(200, b"<html></html>", "text/html"), ok(completion())],
+        ids[8]: [raw(200, b'{"model": 3}', "application/json"), ok(completion(extra_field=1))],
+    }
+    server = await scripted(script)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    result = await harvest(fast_settings(path, tmp_path / "out", base_url(server)))
+    s = result.summary
+    assert result.exit_code == EXIT_OK
+    assert (s["completed"], s["failed"], s["invalid"], s["unresolved"]) == (7, 1, 1, 0)
+    assert s["errors"] == {
+        "bad_json": 1,
+        "bad_shape": 1,
+        "http_429": 1,
+        "http_500": 1,
+        "http_504": 1,
+        "not_json": 1,
+    }
+    rows = {r["id"]: r for r in read_rows(tmp_path / "out").to_pylist()}
+    assert rows[ids[1]]["polls"] == 3
+    assert rows[ids[2]]["status"] == "failed"
+    assert rows[ids[3]]["status"] == "invalid"
+    assert rows[ids[4]]["polls"] == 3
+    assert rows[ids[8]]["extra"] == '{"extra_field":1}'
+    assert all(r["query"] == "q" for r in rows.values() if r["status"] == "completed")
+
+
+@pytest.mark.parametrize(
+    ("reply", "needle"),
+    [
+        (text(401, "Authorization header must be provided"), "HTTP 401"),
+        (text(402, "Credit balance is 0; top up at https://x"), "out of credit"),
+        (text(403, f"Valid API token must be provided, not {TOKEN}"), "HTTP 403"),
+    ],
+)
+async def test_auth_and_credit_errors_stop_the_run_fast(
+    tmp_path: Path,
+    scripted: Callable[[dict[str, list[Reply]]], Any],
+    reply: Reply,
+    needle: str,
+) -> None:
+    """401/402/403 stop the whole run within a second, exit 3, and never echo the token."""
+    ids = make_ids(300)
+    server = await scripted({i: [reply] for i in ids})
+    path = write_csv(tmp_path / "ids.csv", ids)
+    started = time.monotonic()
+    result = await harvest(fast_settings(path, tmp_path / "out", base_url(server), rate=100))
+    assert time.monotonic() - started < 1.5
+    assert result.exit_code == EXIT_AUTH
+    assert result.message is not None
+    assert needle in result.message
+    assert TOKEN not in result.message
+    assert result.summary["requests"] < 50
+
+
+async def test_no_credit_from_the_simulator_exits_3(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """The simulator's 402 reaches the same abort path as a real out-of-credit account."""
+    path = write_csv(tmp_path / "ids.csv", make_ids(20))
+    async with sim_factory(profile="instant", token=None) as sim:
+        settings = fast_settings(path, tmp_path / "out", sim.base_url, token=NO_CREDIT_TOKEN)
+        result = await harvest(settings)
+    assert result.exit_code == EXIT_AUTH
+    assert "402" in (result.message or "")
+
+
+async def test_invalid_and_duplicate_input_values(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """Non-uuids become invalid rows without a request; duplicates (any spelling) count once."""
+    ids = make_ids(30)
+    values = [
+        *ids,
+        ids[0].upper(),
+        "{" + ids[1] + "}",
+        ids[2],
+        "not-a-uuid",
+        "not-a-uuid",
+        "x" * 300,
+    ]
+    path = write_csv(tmp_path / "ids.csv", values)
+    async with sim_factory(profile="instant") as sim:
+        result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
+        served = sim.stats.requests
+    s = result.summary
+    assert s["unique_ids"] == 32
+    assert s["duplicates"] == 4
+    assert s["invalid"] == 2
+    assert served == 30
+    rows = read_rows(tmp_path / "out")
+    invalid = rows.filter(pc.equal(rows.column("status"), "invalid")).column("id").to_pylist()
+    assert sorted(invalid) == sorted(["not-a-uuid", "x" * 300])
+
+
+async def test_rerun_resumes_without_requests_or_duplicates(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """A second run on the same DIR requests nothing and adds no row."""
+    path = write_csv(tmp_path / "ids.csv", [*make_ids(150), "junk"])
+    out = tmp_path / "out"
+    async with sim_factory(profile="instant") as sim:
+        first = await harvest(fast_settings(path, out, sim.base_url))
+        second = await harvest(fast_settings(path, out, sim.base_url))
+    assert first.exit_code == second.exit_code == EXIT_OK
+    assert second.summary["already_done"] == 151
+    assert second.summary["requests"] == 0
+    assert second.summary["files_written"] == 0
+    assert read_rows(out).num_rows == 151
+
+
+async def test_max_wait_leaves_ids_unresolved_and_a_rerun_finishes_them(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """Ids not ready by --max-wait get no row (exit 1); the rerun harvests exactly those."""
+    calm = PROFILES["realistic"].without_faults()
+    ids = make_ids(40)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    out = tmp_path / "out"
+    async with sim_factory(profile=calm, time_scale=0.005) as sim:
+        first = await harvest(fast_settings(path, out, sim.base_url, max_wait=0.03))
+        second = await harvest(fast_settings(path, out, sim.base_url, max_wait=20.0))
+    assert first.exit_code == EXIT_UNRESOLVED
+    assert first.summary["unresolved"] > 0
+    assert second.exit_code == EXIT_OK
+    assert second.summary["already_done"] == 40 - first.summary["unresolved"]
+    column = read_rows(out).column("id").to_pylist()
+    assert sorted(column) == sorted(ids)
+
+
+async def test_hostile_model_values_stay_inside_the_dataset(
+    tmp_path: Path, scripted: Callable[[dict[str, list[Reply]]], Any]
+) -> None:
+    """Server-chosen model names never place a file outside DIR and read back intact."""
+    models = ["../../x", "a/b", "..", "a\\b", "nul\x00byte", "é漢", "m" * 300]
+    ids = make_ids(len(models))
+    server = await scripted({i: [ok(completion(m))] for i, m in zip(ids, models, strict=True)})
+    out = tmp_path / "deep" / "out"
+    path = write_csv(tmp_path / "ids.csv", ids)
+    result = await harvest(fast_settings(path, out, base_url(server)))
+    assert result.exit_code == EXIT_OK
+    files = list(tmp_path.rglob("*.parquet"))
+    assert len(files) == len(models)
+    assert all(out.resolve() in f.resolve().parents for f in files)
+    rows = {r["id"]: r for r in read_hive(out).to_pylist()}
+    for conversation_id, model in zip(ids[:-1], models[:-1], strict=True):
+        assert rows[conversation_id]["model"] == model
+    assert orjson.loads(rows[ids[-1]]["extra"])["model"] == "m" * 300
+
+
+async def test_token_never_reaches_outputs(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """Neither the data files nor the saved report contain the token."""
+    path = write_csv(tmp_path / "ids.csv", make_ids(50))
+    out = tmp_path / "out"
+    async with sim_factory(profile="instant") as sim:
+        result = await harvest(fast_settings(path, out, sim.base_url))
+    assert TOKEN not in orjson.dumps(result.summary).decode()
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert all(TOKEN.encode() not in f.read_bytes() for f in files)
+    assert list((out / "_harvester" / "runs").glob("*.json"))
+
+
+@pytest.mark.slow
+async def test_chaos_accounts_for_every_id_and_reruns_finish(
+    tmp_path: Path, sim_factory: SimFactory
+) -> None:
+    """Against the chaos profile every id is accounted for, and reruns reach exit 0."""
+    ids = make_ids(1500, seed=3)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    out = tmp_path / "out"
+    async with sim_factory(profile="chaos", time_scale=0.01) as sim:
+        settings = fast_settings(path, out, sim.base_url, max_retries=4, max_wait=5.0)
+        first = await harvest(settings)
+        s = first.summary
+        assert s["completed"] + s["failed"] + s["invalid"] + s["unresolved"] == 1500
+        codes = [first.exit_code]
+        for _ in range(4):  # bounded: each rerun polls only what is still missing
+            if codes[-1] == EXIT_OK:
+                break
+            codes.append((await harvest(settings)).exit_code)
+    assert codes[-1] == EXIT_OK
+    rows = read_rows(out)
+    assert rows.num_rows == 1500
+    assert len(set(rows.column("id").to_pylist())) == 1500
