@@ -112,8 +112,8 @@ class CompletionsClient:
         length = resp.content_length
         if length is not None and length > self._max_body:
             raise BadResponseError("too_large", f"body of {length} bytes over the cap")
-        if length is not None:
-            return await resp.read()
+        # Counted as it is read, after decompression: a small gzip body can inflate past
+        # the cap, and Content-Length only gives the compressed size.
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(1 << 16):
@@ -134,7 +134,8 @@ class CompletionsClient:
             wait = parse_retry_after(headers.get("Retry-After"), self._retry_after_max)
             raise ThrottledError(status, wait)
         if status in _FATAL_HINTS:
-            text = self._redact(body.decode("utf-8", "replace").strip()[:200])
+            # Redact before clipping: a clip could cut the token so that it no longer matches.
+            text = self._redact(body.decode("utf-8", "replace").strip())[:200]
             raise FatalApiError(status, f"HTTP {status} ({text!r}): {_FATAL_HINTS[status]}")
         raise ServerError(status)
 
@@ -164,7 +165,8 @@ def parse_status_doc(doc: dict[str, Any]) -> Kind:
         return Kind.RETRIEVING
     if status == "failed":
         return Kind.FAILED
-    raise BadResponseError("unknown_status", f"unknown status {str(status)[:40]!r}")
+    # The value itself is not shown: a hostile server could echo anything there.
+    raise BadResponseError("unknown_status", "status is neither retrieving nor failed")
 
 
 def validate_completion(doc: dict[str, Any]) -> Completion:

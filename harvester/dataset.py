@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 from .errors import SinkError
 from .ids import invalid_key
 from .idset import KEY_DTYPE, IdSet, Keys, as_keys
+from .shard import Shard
 
 META_DIR = "_harvester"
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # the hive convention for a null value
@@ -55,23 +56,29 @@ HIVE_PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 DATASET_SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITION_SCHEMA])
 
 
+def _encode(value: str) -> str:
+    # quote() leaves "~" alone; encoding it reserves "~" for shortened values below, so a
+    # shortened segment can never equal the segment of another, whole value.
+    return quote(value, safe="", errors="surrogatepass").replace("~", "%7E")
+
+
 def partition_value(value: str | None) -> str:
     """One path segment's value for ``value``: URI-encoded, length-capped, never a path."""
     if value is None:
         return NULL_PARTITION
-    encoded = quote(value, safe="")
+    encoded = _encode(value)
     # "model=.." is one harmless segment: the "model=" prefix makes "." and ".." plain names.
-    if 0 < len(encoded) <= MAX_SEGMENT_VALUE:
+    if 0 < len(encoded) <= MAX_SEGMENT_VALUE and value != NULL_PARTITION:
         return encoded
-    # Too long (or empty): a prefix plus a digest keeps it unique and short; the full value
-    # is kept in the row's ``extra`` column by the sink.
+    # Too long, empty, or the null marker itself: a prefix plus a digest keeps it unique and
+    # short; the sink keeps the full value in the row's ``extra`` column.
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{quote(value[:24], safe='')[:60]}~{digest}"
+    return f"{_encode(value[:24])[:60]}~{digest}"
 
 
 def is_lossless(value: str | None) -> bool:
     """True when readers get ``value`` back exactly from its partition segment."""
-    return value is None or partition_value(value) == quote(value, safe="")
+    return value is None or "~" not in partition_value(value)
 
 
 def partition_dir(root: Path, harvest_date: str, model: str | None) -> Path:
@@ -79,30 +86,39 @@ def partition_dir(root: Path, harvest_date: str, model: str | None) -> Path:
     return root / f"harvest_date={harvest_date}" / f"model={partition_value(model)}"
 
 
+def committed_files(root: Path) -> list[str]:
+    """The data files of ``root``: only committed ``part-*.parquet`` files in partitions.
+
+    Listing them, rather than letting pyarrow take every file, keeps a stray README, CSV or
+    a temporary left by a crash from ever being read as data.
+    """
+    return sorted(str(p) for p in root.glob("harvest_date=*/model=*/part-*.parquet"))
+
+
 def open_dataset(root: Path) -> ds.Dataset:
-    """The committed dataset under ``root`` (hidden and metadata paths are skipped)."""
+    """The committed dataset under ``root``, with every column even when it is empty."""
     try:
         return ds.dataset(
-            root,
+            committed_files(root),
             format="parquet",
             schema=DATASET_SCHEMA,
             partitioning=HIVE_PARTITIONING,
-            exclude_invalid_files=False,
-            ignore_prefixes=[".", "_"],
+            partition_base_dir=str(root),
         )
     except (pa.ArrowException, OSError) as exc:
         raise SinkError(f"{root}: cannot open the dataset ({exc})") from exc
 
 
-def load_done(root: Path) -> IdSet:
-    """Keys of every id that already has a row under ``root``: what a rerun must skip."""
+def load_done(root: Path, shard: Shard | None = None) -> IdSet:
+    """Keys of every id (of ``shard``) that already has a row under ``root``: what to skip."""
     done = IdSet()
     if not root.exists():
         return done
     try:
         scanner = open_dataset(root).scanner(columns=["id", "status"], batch_size=1 << 20)
         for batch in scanner.to_batches():
-            done.update(_batch_keys(batch))
+            keys = _batch_keys(batch)
+            done.update(keys if shard is None else keys[shard.mask(keys)])
     except (pa.ArrowException, OSError) as exc:
         raise SinkError(f"{root}: cannot read the existing rows ({exc})") from exc
     return done

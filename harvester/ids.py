@@ -13,10 +13,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .errors import InputError
-from .idset import Keys, as_keys
+from .idset import Keys, Mask, as_keys
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 # Canonical form: what the API issues and what the dataset stores.
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -68,6 +71,16 @@ class Batch:
     keys: Keys
     lines: list[int]
 
+    def select(self, mask: Mask) -> Batch:
+        """The values where ``mask`` is true, in order."""
+        picked = mask.nonzero()[0].tolist()
+        return Batch(
+            [self.ids[i] for i in picked],
+            [self.valid[i] for i in picked],
+            self.keys[mask],
+            [self.lines[i] for i in picked],
+        )
+
 
 def classify(values: list[str], lines: list[int]) -> Batch:
     """Normalise a run of raw values and compute their keys."""
@@ -102,13 +115,16 @@ class IdReader:
         self.size_bytes = self._check_file()
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
         handle = self.path.open(encoding="utf-8-sig", errors="replace", newline="")
+        rows = csv.reader(handle)
         try:
-            rows = csv.reader(handle)
             column, first = self._locate_column(rows)
-            return self._batches(handle, rows, column, first)
+        except csv.Error as exc:
+            handle.close()
+            raise InputError(f"{self.path}:{rows.line_num}: not valid CSV ({exc})") from exc
         except BaseException:
             handle.close()
             raise
+        return self._batches(handle, rows, column, first)
 
     def count_lines(self) -> int:
         """Cheap upper bound on the number of ids, for progress and ETA."""
@@ -135,8 +151,8 @@ class IdReader:
             raise InputError(f"{self.path}: looks binary (NUL bytes); give a CSV of ids")
         return size
 
-    def _locate_column(self, rows: Iterator[list[str]]) -> tuple[int, list[str] | None]:
-        """Index of the id column, and the first row when it is data (headerless file)."""
+    def _locate_column(self, rows: Reader) -> tuple[int, tuple[str, int] | None]:
+        """Index of the id column, and the first value and its line for a headerless file."""
         first = next((row for row in rows if any(cell.strip() for cell in row)), None)
         if first is None:
             raise InputError(f"{self.path}: the file has no rows")
@@ -145,7 +161,7 @@ class IdReader:
         if wanted in names:
             return names.index(wanted), None
         if len(first) == 1 and normalise(first[0]) is not None:
-            return 0, first  # headerless: one id per line
+            return 0, (first[0], rows.line_num)  # headerless: one id per line
         shown = ", ".join(repr(cell) for cell in first[:5])
         raise InputError(
             f"{self.path}: no {self.id_column!r} column in the header ({shown}); "
@@ -153,27 +169,25 @@ class IdReader:
         )
 
     def _batches(
-        self, handle: TextIO, rows: Iterator[list[str]], column: int, first: list[str] | None
+        self, handle: TextIO, reader: Reader, column: int, first: tuple[str, int] | None
     ) -> Iterator[Batch]:
         values: list[str] = []
         lines: list[int] = []
-        reader = rows  # csv.reader exposes line_num; keep the name for clarity
         try:
             if first is not None:
                 values.append(first[0])
-                lines.append(1)
+                lines.append(first[1])
             for row in reader:
                 if column >= len(row) or not row[column].strip():
                     continue  # blank line, or a short row with no id: nothing to harvest
                 values.append(row[column])
-                lines.append(reader.line_num)  # type: ignore[attr-defined]
+                lines.append(reader.line_num)
                 if len(values) >= self.batch_size:
                     yield classify(values, lines)
                     values, lines = [], []
             if values:
                 yield classify(values, lines)
         except csv.Error as exc:
-            line = reader.line_num  # type: ignore[attr-defined]
-            raise InputError(f"{self.path}:{line}: not valid CSV ({exc})") from exc
+            raise InputError(f"{self.path}:{reader.line_num}: not valid CSV ({exc})") from exc
         finally:
             handle.close()

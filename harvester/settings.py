@@ -8,8 +8,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UsageError
+from .shard import WHOLE, Shard
 
 DEFAULT_BASE_URL = "https://render.joinmassive.com"
+MAX_RATE = 1_000_000.0  # the pacer keeps the last R send times; past this, memory says stop
 ENDPOINT_PATH = "/ai/completions"
 
 
@@ -57,10 +59,14 @@ class RunSettings:
     json_summary: bool = False
     allow_insecure: bool = False
     log_interval: float = 10.0
+    shard: Shard = WHOLE
+    worker_stats: bool = False  # set for --workers children: counters as JSON lines on stdout
 
     def __post_init__(self) -> None:
         _require(bool(self.token), "no API token: set MASSIVE_API_TOKEN or pass --token-file")
-        _require(self.rate > 0, f"--rate must be > 0 requests/s (got {self.rate})")
+        _require(
+            0 < self.rate <= MAX_RATE, f"--rate must be > 0 and <= {MAX_RATE:.0f} (got {self.rate})"
+        )
         _require(self.concurrency >= 1, f"--concurrency must be >= 1 (got {self.concurrency})")
         _require(self.max_in_play >= 1, f"--max-in-play must be >= 1 (got {self.max_in_play})")
         _require(self.max_wait > 0, f"--max-wait must be > 0 seconds (got {self.max_wait})")
@@ -74,16 +80,23 @@ class RunSettings:
         _require(self.flush_interval > 0, "--flush-interval must be > 0 seconds")
         _require(self.flush_rows >= 1 and self.flush_bytes >= 1, "flush thresholds must be >= 1")
         _require(self.request_timeout > 0, "--request-timeout must be > 0 seconds")
+        _require(self.connect_timeout > 0, "connect_timeout must be > 0 seconds")
+        _require(self.retry_after_max >= 0, "retry_after_max must be >= 0 seconds")
+        _require(self.log_interval > 0, "--log-interval must be > 0 seconds")
         _require(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
         _require(bool(self.id_column.strip()), "--id-column must not be empty")
         self._check_base_url()
 
     def _check_base_url(self) -> None:
-        parts = urlsplit(self.base_url)
-        _require(
-            parts.scheme in ("http", "https") and bool(parts.hostname),
-            f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL} (got {self.base_url!r})",
+        hint = (
+            f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL} (got {self.base_url!r})"
         )
+        try:
+            parts = urlsplit(self.base_url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+        except ValueError:
+            raise UsageError(hint) from None
+        _require(parts.scheme in ("http", "https") and bool(parts.hostname), hint)
         insecure = parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
         _require(
             not insecure or self.allow_insecure,

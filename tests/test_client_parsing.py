@@ -1,0 +1,675 @@
+"""Tests of the API boundary: answer parsing, Retry-After, and the client over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harvester.client import (
+    COMPLETION_STRINGS,
+    CompletionsClient,
+    Kind,
+    make_session,
+    parse_ok,
+    parse_retry_after,
+    parse_status,
+)
+from harvester.errors import (
+    BadResponseError,
+    FatalApiError,
+    ServerError,
+    ThrottledError,
+    TransientError,
+    TransportError,
+)
+
+JSON = "application/json"
+ID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+TOKEN = "tok_9f8e7d6c5b4a39281706f5e4d3c2b1a0ZQXW"
+CAP = 4096
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def completion(**changes: Any) -> dict[str, Any]:
+    """A valid Completion document, with ``changes`` applied (``None`` values kept)."""
+    doc: dict[str, Any] = {
+        "model": "chatgpt",
+        "query": "best shoes",
+        "html": "<html></html>",
+        "prompt": "p",
+        "completion": "c",
+        "sources": "[]",
+        "ads": "[]",
+        "fanouts": ["a", "b"],
+        "device": "desktop",
+        "country": "US",
+        "subdivision": "CA",
+        "city": "San Francisco",
+    }
+    doc.update(changes)
+    return doc
+
+
+def body(doc: Any) -> bytes:
+    """JSON bytes of ``doc``."""
+    return orjson.dumps(doc)
+
+
+class ExpectBad:
+    """Context manager asserting a ``BadResponseError`` of a given ``kind`` was raised."""
+
+    def __init__(self, kind: str) -> None:
+        """Expect ``kind``."""
+        self.kind = kind
+
+    def __enter__(self) -> None:
+        """Nothing to set up."""
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        """Swallow the expected error; fail on anything else."""
+        assert isinstance(exc, BadResponseError), f"expected BadResponseError, got {exc!r}"
+        assert exc.kind == self.kind
+        assert isinstance(exc, TransientError)
+        return True
+
+
+def bad(kind: str) -> ExpectBad:
+    """Like ``pytest.raises``: expect a transient ``BadResponseError`` of ``kind``."""
+    return ExpectBad(kind)
+
+
+# -- parse_ok ---------------------------------------------------------------------------------
+
+
+def test_parse_ok_completion() -> None:
+    """A JSON Completion is COMPLETED with the document as it came."""
+    kind, doc = parse_ok(JSON, body(completion()))
+    assert kind is Kind.COMPLETED
+    assert doc == completion()
+
+
+def test_parse_ok_content_type_with_charset() -> None:
+    """Parameters and case in Content-Type do not matter."""
+    kind, _ = parse_ok("Application/JSON; charset=utf-8", body(completion()))
+    assert kind is Kind.COMPLETED
+
+
+@pytest.mark.parametrize("absent", [True, False])
+def test_parse_ok_targeting_null_or_absent(absent: bool) -> None:
+    """Targeting fields may be null or missing altogether."""
+    doc = completion(device=None, country=None, subdivision=None, city=None)
+    if absent:
+        for name in ("device", "country", "subdivision", "city"):
+            del doc[name]
+    kind, parsed = parse_ok(JSON, body(doc))
+    assert kind is Kind.COMPLETED
+    assert parsed is not None
+    assert all(parsed.get(name) is None for name in ("device", "country", "subdivision", "city"))
+
+
+@pytest.mark.parametrize("absent", [True, False])
+def test_parse_ok_fanouts_null_or_absent_is_empty_list(absent: bool) -> None:
+    """Null or missing fanouts mean none: an empty list."""
+    doc = completion(fanouts=None)
+    if absent:
+        del doc["fanouts"]
+    _, parsed = parse_ok(JSON, body(doc))
+    assert parsed is not None
+    assert parsed["fanouts"] == []
+
+
+def test_parse_ok_keeps_unknown_fields() -> None:
+    """Fields beyond the spec are kept in the document, untouched."""
+    _, parsed = parse_ok(JSON, body(completion(latency=1.5, tags={"a": [1, None]})))
+    assert parsed is not None
+    assert parsed["latency"] == 1.5
+    assert parsed["tags"] == {"a": [1, None]}
+
+
+def test_parse_ok_model_outside_enum_accepted() -> None:
+    """A model the spec does not list yet is still a Completion."""
+    _, parsed = parse_ok(JSON, body(completion(model="grok-9")))
+    assert parsed is not None
+    assert parsed["model"] == "grok-9"
+
+
+def test_parse_ok_html_is_not_json() -> None:
+    """A text/html 200 is a ``not_json`` bad response."""
+    with bad("not_json"):
+        parse_ok("text/html; charset=utf-8", b"<html>hi</html>")
+
+
+def test_parse_ok_no_content_type_is_not_json() -> None:
+    """A 200 without Content-Type is a ``not_json`` bad response."""
+    with bad("not_json"):
+        parse_ok("", body(completion()))
+
+
+@pytest.mark.parametrize(
+    "raw", [body(completion())[:-7], b"", b"{", b"\xff\xfe{}", b"{'model': 1}", b"nope"]
+)
+def test_parse_ok_bad_json(raw: bytes) -> None:
+    """Truncated, empty or non-UTF-8 JSON is ``bad_json``."""
+    with bad("bad_json"):
+        parse_ok(JSON, raw)
+
+
+@pytest.mark.parametrize("raw", [b"[]", body([completion()]), b"null", b"3", b'"chatgpt"'])
+def test_parse_ok_non_object_is_bad_shape(raw: bytes) -> None:
+    """A JSON list, null, number or string body is ``bad_shape``."""
+    with bad("bad_shape"):
+        parse_ok(JSON, raw)
+
+
+@pytest.mark.parametrize("name", COMPLETION_STRINGS)
+def test_parse_ok_missing_required_field(name: str) -> None:
+    """Each required string field, when missing, makes ``bad_shape``."""
+    doc = completion()
+    del doc[name]
+    with bad("bad_shape"):
+        parse_ok(JSON, body(doc))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": 1},
+        {"model": ""},
+        {"model": None},
+        {"query": None},
+        {"html": ["x"]},
+        {"sources": []},
+        {"ads": {}},
+        {"completion": True},
+        {"fanouts": "a"},
+        {"fanouts": [1]},
+        {"fanouts": ["a", None]},
+        {"fanouts": {"a": 1}},
+        {"device": 5},
+        {"country": []},
+        {"city": False},
+    ],
+)
+def test_parse_ok_wrong_types(changes: dict[str, Any]) -> None:
+    """A field of the wrong type (or an empty model) makes ``bad_shape``."""
+    with bad("bad_shape"):
+        parse_ok(JSON, body(completion(**changes)))
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"status": "retrieving"}, Kind.RETRIEVING),
+        ({"status": "archiving"}, Kind.RETRIEVING),
+        ({"status": "failed"}, Kind.FAILED),
+    ],
+)
+def test_parse_ok_status_object(doc: dict[str, Any], expected: Kind) -> None:
+    """A 200 status object (the newer API's form) means what the same 202 means."""
+    assert parse_ok(JSON, body(doc)) == (expected, None)
+
+
+def test_parse_ok_unknown_status_object() -> None:
+    """A 200 status object with an unknown status is ``unknown_status``."""
+    with bad("unknown_status"):
+        parse_ok(JSON, body({"status": "done"}))
+
+
+# -- parse_status -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [("retrieving", Kind.RETRIEVING), ("archiving", Kind.RETRIEVING), ("failed", Kind.FAILED)],
+)
+def test_parse_status_known(status: str, expected: Kind) -> None:
+    """Pending statuses are RETRIEVING and ``failed`` is FAILED."""
+    assert parse_status(body({"status": status})) is expected
+
+
+@pytest.mark.parametrize(
+    "doc", [{"status": "completed"}, {"status": "RETRIEVING"}, {"status": None}, {}, {"s": 1}]
+)
+def test_parse_status_unknown(doc: dict[str, Any]) -> None:
+    """Anything else is ``unknown_status``."""
+    with bad("unknown_status"):
+        parse_status(body(doc))
+
+
+def test_parse_status_bad_json_and_shape() -> None:
+    """A 202 body that is not a JSON object is ``bad_json`` or ``bad_shape``."""
+    with bad("bad_json"):
+        parse_status(b"retrieving")
+    with bad("bad_shape"):
+        parse_status(b'["retrieving"]')
+
+
+def test_unknown_status_message_is_clipped() -> None:
+    """An absurd status value is clipped in the message."""
+    with pytest.raises(BadResponseError) as info:
+        parse_status(body({"status": "x" * 10_000}))
+    assert len(str(info.value)) < 100
+
+
+# -- parse_retry_after ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("7", 7.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("0.05", 0.05),
+        (" 12 ", 12.0),
+        ("-5", 0.0),
+        ("-0.5", 0.0),
+        ("100000", 300.0),
+        ("1e9", 300.0),
+    ],
+)
+def test_parse_retry_after_seconds(value: str, expected: float) -> None:
+    """Seconds (whole or decimal) are read, negatives become 0 and the cap applies."""
+    assert parse_retry_after(value, 300.0) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "5s", "nan", "Mon, 99 Foo 2024", "1,5"])
+def test_parse_retry_after_garbage_is_none(value: str | None) -> None:
+    """Missing or unreadable values (and NaN) give None."""
+    assert parse_retry_after(value, 300.0) is None
+
+
+def test_parse_retry_after_http_date_future() -> None:
+    """An HTTP date in the future gives the seconds until it."""
+    when = datetime.now(UTC) + timedelta(seconds=60)
+    wait = parse_retry_after(format_datetime(when, usegmt=True), 300.0)
+    assert wait is not None
+    assert 55.0 <= wait <= 61.0
+
+
+def test_parse_retry_after_http_date_future_capped() -> None:
+    """A far-future HTTP date is capped."""
+    when = datetime.now(UTC) + timedelta(days=2)
+    assert parse_retry_after(format_datetime(when, usegmt=True), 30.0) == 30.0
+
+
+@pytest.mark.parametrize(
+    "value", ["Wed, 21 Oct 2015 07:28:00 GMT", "Sun, 06 Nov 1994 08:49:37 GMT"]
+)
+def test_parse_retry_after_http_date_past(value: str) -> None:
+    """An HTTP date in the past means no wait."""
+    assert parse_retry_after(value, 300.0) == 0.0
+
+
+@given(value=st.text(max_size=60), cap=st.floats(0.0, 1000.0))
+def test_parse_retry_after_never_raises(value: str, cap: float) -> None:
+    """Any header text gives None or a wait between 0 and the cap."""
+    wait = parse_retry_after(value, cap)
+    assert wait is None or 0.0 <= wait <= cap
+
+
+# -- CompletionsClient over loopback ----------------------------------------------------------
+
+
+class TickClock:
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        """Start at 100 s."""
+        self.now = 100.0
+        self.step = step
+
+    def __call__(self) -> float:
+        """Return the time, then advance it."""
+        self.now += self.step
+        return self.now - self.step
+
+
+@asynccontextmanager
+async def client_for(
+    endpoint: str,
+    *,
+    max_body: int = CAP,
+    request_timeout: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[CompletionsClient]:
+    """A ``CompletionsClient`` on a real session from ``make_session``."""
+    session = make_session(TOKEN, limit=4, connect_timeout=2.0, request_timeout=request_timeout)
+    try:
+        yield CompletionsClient(
+            session,
+            endpoint,
+            token=TOKEN,
+            max_body_bytes=max_body,
+            retry_after_max=300.0,
+            clock=clock,
+        )
+    finally:
+        await session.close()
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    """Serve ``handler`` at /ai/completions on loopback; yield the endpoint URL."""
+    app = web.Application()
+    app.router.add_get("/ai/completions", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield str(server.make_url("/ai/completions"))
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def api(handler: Handler, **kwargs: Any) -> AsyncIterator[CompletionsClient]:
+    """A client talking to ``handler`` over loopback."""
+    async with serving(handler) as endpoint, client_for(endpoint, **kwargs) as client:
+        yield client
+
+
+def answer(status: int, data: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
+    """A handler that always answers ``status`` with ``data`` and ``headers``."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Answer the fixed response."""
+        return web.Response(status=status, body=data, headers=headers)
+
+    return handle
+
+
+async def test_client_200_completion() -> None:
+    """A 200 JSON Completion comes back as COMPLETED with the document."""
+    async with api(answer(200, body(completion()), {"Content-Type": JSON})) as client:
+        kind, doc = await client.poll(ID)
+    assert kind is Kind.COMPLETED
+    assert doc == completion()
+
+
+async def test_client_200_html_is_bad_response() -> None:
+    """A 200 text/html answer is a ``not_json`` bad response."""
+    handler = answer(200, b"<html></html>", {"Content-Type": "text/html"})
+    async with api(handler) as client:
+        with bad("not_json"):
+            await client.poll(ID)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"), [("retrieving", Kind.RETRIEVING), ("failed", Kind.FAILED)]
+)
+async def test_client_202_status(status: str, expected: Kind) -> None:
+    """A 202 status object gives the id's state and no document."""
+    handler = answer(202, body({"status": status}), {"Content-Type": JSON})
+    async with api(handler) as client:
+        assert await client.poll(ID) == (expected, None)
+
+
+async def test_client_422_is_invalid() -> None:
+    """A 422 means the id is invalid."""
+    async with api(answer(422, b'{"error": "bad id"}', {"Content-Type": JSON})) as client:
+        assert await client.poll(ID) == (Kind.INVALID, None)
+
+
+async def test_client_sends_auth_accept_and_id() -> None:
+    """Each request carries the bearer token, Accept: application/json and the id."""
+    seen: list[web.Request] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Record the request."""
+        seen.append(request)
+        return web.json_response({"status": "retrieving"}, status=202)
+
+    async with api(handle) as client:
+        await client.poll(ID)
+    [request] = seen
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["Accept"] == "application/json"
+    assert request.path == "/ai/completions"
+    assert request.query["id"] == ID
+
+
+async def test_client_last_latency_from_clock() -> None:
+    """``last_latency`` is the clock's difference across the request."""
+    handler = answer(202, body({"status": "retrieving"}), {"Content-Type": JSON})
+    async with api(handler, clock=TickClock(0.75)) as client:
+        assert client.last_latency == 0.0
+        await client.poll(ID)
+        assert client.last_latency == pytest.approx(0.75)
+
+
+async def test_client_last_latency_real_clock() -> None:
+    """With the real clock, ``last_latency`` covers a slow answer."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Answer after 50 ms."""
+        await asyncio.sleep(0.05)
+        return web.json_response({"status": "retrieving"}, status=202)
+
+    async with api(handle) as client:
+        await client.poll(ID)
+        assert 0.04 <= client.last_latency < 2.0
+
+
+_ECHOES = {
+    "bare": TOKEN,
+    "in_text": f"invalid token {TOKEN}",
+    "in_json": orjson.dumps({"error": "no", "token": TOKEN, "auth": f"Bearer {TOKEN}"}).decode(),
+    "repeated": f"{TOKEN} {TOKEN} {TOKEN}",
+    "past_clip": "x" * 300 + TOKEN,
+    "straddling_clip": "x" * 180 + TOKEN,  # the token crosses the 200-char clip of the body
+}
+
+
+def windows(text: str, width: int = 8) -> Iterator[str]:
+    """Every substring of ``text`` of ``width`` characters."""
+    for start in range(len(text) - width + 1):
+        yield text[start : start + width]
+
+
+@pytest.mark.parametrize("status", [401, 402, 403])
+@pytest.mark.parametrize("echo", sorted(_ECHOES))
+async def test_client_fatal_never_shows_the_token(status: int, echo: str) -> None:
+    """401/402/403 raise ``FatalApiError``; the message holds no 8-char piece of the token."""
+    text = _ECHOES[echo]
+    async with api(answer(status, text.encode(), {"Content-Type": "text/plain"})) as client:
+        with pytest.raises(FatalApiError) as info:
+            await client.poll(ID)
+    assert info.value.status == status
+    message = str(info.value)
+    assert f"HTTP {status}" in message
+    leaked = [piece for piece in windows(TOKEN) if piece in message]
+    assert not leaked, f"token fragments in the message: {leaked}"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_client_throttled_with_retry_after(status: int) -> None:
+    """429/503 raise ``ThrottledError`` with the Retry-After wait."""
+    async with api(answer(status, b"slow down", {"Retry-After": "7"})) as client:
+        with pytest.raises(ThrottledError) as info:
+            await client.poll(ID)
+    assert info.value.retry_after == 7.0
+    assert info.value.status == status
+    assert info.value.kind == f"http_{status}"
+
+
+async def test_client_throttled_without_retry_after() -> None:
+    """A 429 without Retry-After has no wait of its own."""
+    async with api(answer(429)) as client:
+        with pytest.raises(ThrottledError) as info:
+            await client.poll(ID)
+    assert info.value.retry_after is None
+
+
+async def test_client_throttled_retry_after_capped() -> None:
+    """A huge Retry-After is capped at ``retry_after_max``."""
+    async with api(answer(429, b"", {"Retry-After": "86400"})) as client:
+        with pytest.raises(ThrottledError) as info:
+            await client.poll(ID)
+    assert info.value.retry_after == 300.0
+
+
+@pytest.mark.parametrize("status", [500, 502, 504, 404, 418, 301, 400])
+async def test_client_other_statuses_are_server_errors(status: int) -> None:
+    """Other statuses (redirects not followed) raise ``ServerError`` of kind ``http_<code>``."""
+    headers = {"Location": "http://127.0.0.1:1/elsewhere"} if status == 301 else None
+    async with api(answer(status, b"oops", headers)) as client:
+        with pytest.raises(ServerError) as info:
+            await client.poll(ID)
+    assert info.value.kind == f"http_{status}"
+    assert info.value.status == status
+    assert isinstance(info.value, TransientError)
+
+
+async def test_client_body_at_cap_is_read() -> None:
+    """A body of exactly ``max_body_bytes`` is still read."""
+    async with api(answer(422, b"x" * CAP)) as client:
+        assert await client.poll(ID) == (Kind.INVALID, None)
+
+
+async def test_client_too_large_with_content_length() -> None:
+    """A Content-Length over the cap is ``too_large``, before the body is read."""
+    data = body(completion(html="x" * CAP))
+    async with api(answer(200, data, {"Content-Type": JSON})) as client:
+        with bad("too_large"):
+            await client.poll(ID)
+
+
+async def test_client_too_large_chunked() -> None:
+    """A chunked body that grows past the cap is ``too_large``."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Stream 8 chunks of 1 KiB without a Content-Length."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": JSON})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(8):
+            await response.write(b" " * 1024)
+        await response.write_eof()
+        return response
+
+    async with api(handle) as client:
+        with bad("too_large"):
+            await client.poll(ID)
+
+
+async def test_client_chunked_under_cap_is_read() -> None:
+    """A chunked body under the cap is read whole."""
+    data = body(completion())
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Stream the completion in two chunks."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": JSON})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(data[:10])
+        await response.write(data[10:])
+        await response.write_eof()
+        return response
+
+    async with api(handle) as client:
+        assert await client.poll(ID) == (Kind.COMPLETED, completion())
+
+
+async def test_client_too_large_when_compressed() -> None:
+    """A gzip body under the cap that inflates past it is still ``too_large``."""
+    data = gzip.compress(body(completion(html="x" * (20 * CAP))))
+    assert len(data) < CAP
+    headers = {"Content-Type": JSON, "Content-Encoding": "gzip"}
+    async with api(answer(200, data, headers)) as client:
+        with bad("too_large"):
+            await client.poll(ID)
+
+
+@asynccontextmanager
+async def raw_server(reply: bytes) -> AsyncIterator[str]:
+    """A TCP server that reads a request head, writes ``reply`` and closes; yields an endpoint."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read the request head, answer, hang up."""
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            writer.write(reply)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/ai/completions"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_client_server_closes_connection() -> None:
+    """A server that hangs up without answering is a ``TransportError``."""
+    async with raw_server(b"") as endpoint, client_for(endpoint) as client:
+        with pytest.raises(TransportError) as info:
+            await client.poll(ID)
+    assert info.value.kind == "disconnected"
+
+
+async def test_client_server_closes_mid_body() -> None:
+    """A body cut short of its Content-Length is a transient ``truncated_body`` error."""
+    reply = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n"
+        b'Connection: close\r\n\r\n{"model": "chat'
+    )
+    async with raw_server(reply) as endpoint, client_for(endpoint) as client:
+        with bad("truncated_body"):
+            await client.poll(ID)
+
+
+def unused_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_client_connection_refused() -> None:
+    """Nothing listening is a ``connect_error``, and the latency is still recorded."""
+    endpoint = f"http://127.0.0.1:{unused_port()}/ai/completions"
+    async with client_for(endpoint, clock=TickClock(0.5)) as client:
+        with pytest.raises(TransportError) as info:
+            await client.poll(ID)
+        assert client.last_latency == pytest.approx(0.5)
+    assert info.value.kind == "connect_error"
+
+
+async def test_client_read_timeout() -> None:
+    """A server slower than ``request_timeout`` is a ``timeout`` transport error."""
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        """Answer only when the test lets go (or after 5 s)."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 5.0)
+        return web.json_response({"status": "retrieving"}, status=202)
+
+    async with serving(handle) as endpoint:
+        try:
+            async with client_for(endpoint, request_timeout=0.2) as client:
+                started = time.monotonic()
+                with pytest.raises(TransportError) as info:
+                    await client.poll(ID)
+                assert time.monotonic() - started < 2.0
+        finally:
+            release.set()
+    assert info.value.kind == "timeout"
