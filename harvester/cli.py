@@ -21,6 +21,7 @@ from .errors import SinkError, UsageError
 from .progress import setup_logging
 from .runner import EXIT_OUTPUT, EXIT_USAGE, RunResult, harvest
 from .settings import DEFAULT_BASE_URL, RunSettings
+from .shard import WHOLE, Shard
 
 TOKEN_ENV = "MASSIVE_API_TOKEN"
 T = TypeVar("T")
@@ -40,6 +41,13 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
     return value
+
+
+def _shard_arg(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -98,6 +106,21 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="allow sending the token over plain http to a non-loopback host",
     )
+    p.add_argument(
+        "--shard",
+        type=_shard_arg,
+        default=WHOLE,
+        help="harvest only shard K of N (K/N, 0-based) by a stable hash of the id; "
+        "N processes with K=0..N-1 split one input with no coordination",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes on this machine, each with 1/N of --rate, --concurrency and the ids "
+        "[%(default)s]",
+    )
+    p.add_argument("--worker-stats", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--log-interval",
         type=_positive_float,
@@ -174,6 +197,8 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         json_summary=args.json,
         allow_insecure=args.allow_insecure,
         log_interval=args.log_interval,
+        shard=args.shard,
+        worker_stats=args.worker_stats,
     )
 
 
@@ -207,12 +232,19 @@ def report(result: RunResult, *, as_json: bool) -> int:
     return result.exit_code
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     settings = settings_from(args)
-    return report(run_loop(harvest(settings)), as_json=settings.json_summary)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers == 1:
+        return report(run_loop(harvest(settings)), as_json=settings.json_summary)
+    from .workers import run_workers
+
+    result = run_loop(run_workers(argv, settings, args.workers))
+    return report(result, as_json=settings.json_summary)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
     from .simulator import serve
 
     run_loop(
@@ -228,7 +260,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
     from .demo import run_demo
 
     return run_loop(run_demo(count=args.count, out=args.out, progress=not args.no_progress))
@@ -239,10 +271,11 @@ _COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harvester`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        return _COMMANDS[args.command](args)
+        return _COMMANDS[args.command](args, argv)
     except UsageError as exc:
         print(f"harvester: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

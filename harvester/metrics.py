@@ -45,6 +45,17 @@ class LatencyHistogram:
                 return min(_MIN_MS * math.exp(_GROWTH * (index + 1)), self.max_ms)
         return self.max_ms
 
+    def buckets(self) -> dict[str, int]:
+        """The non-empty buckets, for merging histograms across processes."""
+        return {str(i): n for i, n in enumerate(self._counts) if n}
+
+    def merge(self, buckets: dict[str, int], max_ms: float) -> None:
+        """Add another histogram's ``buckets()`` (exact: same bucket bounds everywhere)."""
+        for index, n in buckets.items():
+            self._counts[int(index)] += n
+            self.count += n
+        self.max_ms = max(self.max_ms, max_ms)
+
     def summary(self) -> dict[str, float]:
         """p50/p90/p99/max in milliseconds, rounded for display."""
         return {
@@ -85,6 +96,14 @@ class RunStats:
     def finished(self) -> int:
         """Ids with an outcome this run (rows written or pending write, and unresolved)."""
         return self.completed + self.failed + self.invalid + self.unresolved
+
+    def counters(self) -> dict[str, int]:
+        """The integer counters, for a parent process summing its workers' progress."""
+        return {
+            name: value
+            for name, value in vars(self).items()
+            if isinstance(value, int) and not isinstance(value, bool)
+        }
 
     def summary(self, elapsed: float, **extra: Any) -> dict[str, Any]:
         """The run's report, as printed with --json and saved in the dataset's metadata."""

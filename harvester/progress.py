@@ -34,12 +34,14 @@ class Progress:
         self._interval = interval
         self._console = Console(stderr=True)
         self._bar = enabled and self._console.is_terminal
+        self._quiet = interval <= 0  # a --workers child: the parent shows the progress
         self._task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
 
     def __enter__(self) -> Progress:
         self._started = time.monotonic()
-        self._task = asyncio.create_task(self._show_bar() if self._bar else self._log_lines())
+        if not self._quiet:
+            self._task = asyncio.create_task(self._show_bar() if self._bar else self._log_lines())
         return self
 
     def __exit__(

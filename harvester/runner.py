@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .dataset import META_DIR, load_done
 from .errors import InputError
 from .ids import Batch, IdReader
 from .idset import IdSet
+from .lease import RunLease, clean_stale_temporaries
 from .metrics import RunStats
 from .progress import Progress
 from .scheduler import Policy, Scheduler
@@ -79,32 +81,50 @@ class Run:
         self._scheduler: Scheduler | None = None
         self._task: asyncio.Task[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
+        self._lease = RunLease(settings.out_dir, self.run_id, settings.shard)
 
     async def execute(self) -> RunResult:
         """Harvest, commit and report; the session is closed only if this run opened it."""
         s = self.settings
-        reader = IdReader(s.ids_path, id_column=s.id_column)
-        batches = await asyncio.to_thread(reader.open)
-        total = await asyncio.to_thread(reader.count_lines)
-        done = await asyncio.to_thread(load_done, s.out_dir)
-        session = self._session or make_session(
-            s.token,
-            limit=s.concurrency,
-            connect_timeout=s.connect_timeout,
-            request_timeout=s.request_timeout,
-        )
-        started = time.monotonic()
+        batches, total, done = await asyncio.to_thread(self._prepare)
         try:
+            session = self._session or make_session(
+                s.token,
+                limit=s.concurrency,
+                connect_timeout=s.connect_timeout,
+                request_timeout=s.request_timeout,
+            )
+            started = time.monotonic()
             sink = ParquetSink(
                 s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
             )
-            await self._harvest(
-                session, sink, _first_batch_checked(batches, s.ids_path), done, total
-            )
+            try:
+                await self._harvest(
+                    session, sink, _first_batch_checked(batches, s.ids_path), done, total
+                )
+            finally:
+                if self._session is None:
+                    await session.close()
+            return self._finish(time.monotonic() - started)
         finally:
-            if self._session is None:
-                await session.close()
-        return self._finish(time.monotonic() - started, sink)
+            self._lease.release()
+
+    def _prepare(self) -> tuple[Iterator[Batch], int, IdSet]:
+        """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
+        s = self.settings
+        reader = IdReader(s.ids_path, id_column=s.id_column)
+        batches = reader.open()
+        total = reader.count_lines()
+        self._lease.acquire()
+        try:
+            removed = clean_stale_temporaries(s.out_dir)
+            if removed:
+                log.info("removed %d temporary files left by stopped runs", removed)
+            done = load_done(s.out_dir, s.shard)
+        except BaseException:
+            self._lease.release()
+            raise
+        return batches, max(1, round(total / s.shard.count)), done
 
     async def _harvest(
         self,
@@ -138,18 +158,23 @@ class Run:
             ),
             concurrency=s.concurrency,
             max_in_play=s.max_in_play,
+            shard=s.shard,
         )
-        progress = Progress(self.stats, total=total, enabled=s.progress, interval=s.log_interval)
+        interval = 0.0 if s.worker_stats else s.log_interval
+        progress = Progress(self.stats, total=total, enabled=s.progress, interval=interval)
         flusher = asyncio.create_task(sink.commit_periodically(s.flush_interval))
+        reporter = asyncio.create_task(self._report_counters()) if s.worker_stats else None
         self._install_signals()
         try:
             with progress:
                 await self._run_scheduler(scheduler, batches, done)
             await sink.flush()
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, reporter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self._remove_signals()
             self.stats.unresolved += scheduler.in_play  # stopped early: no row, next run polls
             self.stats.rows_written = sink.rows_written
@@ -168,6 +193,14 @@ class Run:
         finally:
             if self._grace is not None:
                 self._grace.cancel()
+
+    async def _report_counters(self) -> None:
+        """As a ``--workers`` child: counters as JSON lines on stdout for the parent's display."""
+        while True:
+            await asyncio.sleep(0.5)
+            line = orjson.dumps({"progress": self.stats.counters()}) + b"\n"
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +235,7 @@ class Run:
         if self._task is not None:
             self._task.cancel()
 
-    def _finish(self, elapsed: float, sink: ParquetSink) -> RunResult:
+    def _finish(self, elapsed: float) -> RunResult:
         fatal = self._scheduler.fatal if self._scheduler else None
         if fatal is not None:
             code, message = EXIT_AUTH, str(fatal)
@@ -213,13 +246,19 @@ class Run:
         else:
             code, message = EXIT_OK, None
         summary = self.stats.summary(
-            elapsed, run_id=self.run_id, out=str(self.settings.out_dir), exit_code=code
+            elapsed,
+            run_id=self.run_id,
+            shard=str(self.settings.shard),
+            out=str(self.settings.out_dir),
+            exit_code=code,
         )
-        _save_report(self.settings.out_dir, self.run_id, summary)
+        if self.settings.worker_stats:
+            summary["latency_buckets"] = self.stats.latency.buckets()
+        save_report(self.settings.out_dir, self.run_id, summary)
         return RunResult(code, summary, message)
 
 
-def _save_report(root: Path, run_id: str, summary: dict[str, Any]) -> None:
+def save_report(root: Path, run_id: str, summary: dict[str, Any]) -> None:
     """Keep the run's report beside the data, in a metadata path readers skip."""
     directory = root / META_DIR / "runs"
     directory.mkdir(parents=True, exist_ok=True)

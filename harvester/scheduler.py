@@ -18,6 +18,7 @@ from .errors import FatalApiError, ThrottledError, TransientError
 from .ids import Batch
 from .idset import IdSet
 from .metrics import RunStats
+from .shard import WHOLE, Shard
 from .sink import ParquetSink
 from .throttle import Pacer
 
@@ -71,6 +72,7 @@ class Scheduler:
         policy: Policy,
         concurrency: int,
         max_in_play: int,
+        shard: Shard = WHOLE,
     ) -> None:
         self._client = client
         self._pacer = pacer
@@ -78,6 +80,7 @@ class Scheduler:
         self._stats = stats
         self._policy = policy
         self._concurrency = concurrency
+        self._shard = shard
         self._room = asyncio.Semaphore(max_in_play)
         self._ready: asyncio.Queue[_Entry | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -138,6 +141,8 @@ class Scheduler:
     async def _feed(self, batches: AsyncIterator[Batch], seen: IdSet, done: IdSet) -> None:
         stats = self._stats
         async for batch in batches:
+            if not self._shard.everything:
+                batch = batch.select(self._shard.mask(batch.keys))
             new = seen.add_new(batch.keys)
             old = done.contains(batch.keys) & new
             stats.unique_ids += int(new.sum())

@@ -1,0 +1,164 @@
+"""``--workers N``: N harvester processes on one machine, one merged progress and summary.
+
+Each worker is an ordinary ``harvester run`` child on its own event loop and core, given
+shard k of N (of the parent's shard, if any), 1/N of the rate, concurrency and ids in play.
+Children report counters as JSON lines on stdout; the parent sums them for the progress
+display and merges their final summaries (latency histograms merge exactly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from .ids import IdReader
+from .metrics import RunStats
+from .progress import Progress
+from .runner import (
+    EXIT_AUTH,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_UNRESOLVED,
+    EXIT_USAGE,
+    RunResult,
+    save_report,
+)
+from .settings import RunSettings
+from .shard import Shard
+from .sink import new_run_id
+
+# The worst outcome decides the merged exit code.
+_SEVERITY = [EXIT_AUTH, EXIT_OUTPUT, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_UNRESOLVED, EXIT_OK]
+_SUMMED = (
+    "unique_ids", "already_done", "completed", "failed", "invalid", "unresolved", "duplicates",
+    "requests", "retries", "throttled", "rows_written", "files_written",
+)  # fmt: skip
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code that matters most among the workers'."""
+    ranked = [code for code in _SEVERITY if code in codes]
+    return ranked[0] if ranked else max(codes)
+
+
+def child_argv(argv: list[str], shard: Shard, settings: RunSettings, workers: int) -> list[str]:
+    """The parent's own arguments without ``--workers``, plus this child's share."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    # argparse keeps the last value given, so these override whatever the user passed.
+    return [
+        *kept,
+        "--shard", str(shard),
+        "--rate", repr(settings.rate / workers),
+        "--concurrency", str(math.ceil(settings.concurrency / workers)),
+        "--max-in-play", str(math.ceil(settings.max_in_play / workers)),
+        "--json", "--no-progress", "--worker-stats",
+    ]  # fmt: skip
+
+
+class WorkerPool:
+    """Starts the children, follows their counters, and merges what they report."""
+
+    def __init__(self, argv: list[str], settings: RunSettings, workers: int) -> None:
+        self._argv = argv
+        self._settings = settings
+        self._workers = workers
+        self._stats = RunStats()
+        self._latest: list[dict[str, Any]] = [{} for _ in range(workers)]
+        self._finals: list[dict[str, Any] | None] = [None] * workers
+        self._procs: list[asyncio.subprocess.Process] = []
+
+    async def run(self) -> RunResult:
+        """Run every worker to its end and return the merged result."""
+        started = time.monotonic()
+        s = self._settings
+        total = await asyncio.to_thread(IdReader(s.ids_path, id_column=s.id_column).count_lines)
+        shards = s.shard.split(self._workers)
+        for shard in shards:
+            args = child_argv(self._argv, shard, s, self._workers)
+            self._procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "harvester", *args, stdout=asyncio.subprocess.PIPE
+                )
+            )
+        self._forward_signals()
+        progress = Progress(self._stats, total=total, enabled=s.progress, interval=s.log_interval)
+        with progress:
+            await asyncio.gather(*(self._follow(i) for i in range(self._workers)))
+            codes = [await proc.wait() for proc in self._procs]
+        return self._merge(codes, time.monotonic() - started)
+
+    def _forward_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._forward, sig)
+
+    def _forward(self, sig: signal.Signals) -> None:
+        for proc in self._procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def _follow(self, index: int) -> None:
+        stream = self._procs[index].stdout
+        assert stream is not None
+        async for line in stream:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                message = orjson.loads(line)
+                if "progress" in message:
+                    self._latest[index] = message["progress"]
+                    self._sum_progress()
+                else:
+                    self._finals[index] = message
+
+    def _sum_progress(self) -> None:
+        for name in (*_SUMMED, "in_flight"):
+            setattr(self._stats, name, sum(snap.get(name, 0) for snap in self._latest))
+
+    def _merge(self, codes: list[int], elapsed: float) -> RunResult:
+        finals = [f for f in self._finals if f is not None]
+        merged = RunStats()
+        errors: Counter[str] = Counter()
+        for final in finals:
+            for name in _SUMMED:
+                setattr(merged, name, getattr(merged, name) + final.get(name, 0))
+            errors.update(final.get("errors", {}))
+            merged.latency.merge(final.get("latency_buckets", {}), final["latency_ms"]["max"])
+        merged.errors = errors
+        code = worst(codes)
+        run_id = new_run_id()
+        summary = merged.summary(
+            elapsed,
+            run_id=run_id,
+            shard=str(self._settings.shard),
+            workers=self._workers,
+            worker_run_ids=[f.get("run_id") for f in finals],
+            out=str(self._settings.out_dir),
+            exit_code=code,
+        )
+        summary["peak_rss_mb"] = round(sum(f.get("peak_rss_mb", 0.0) for f in finals), 1)
+        save_report(self._settings.out_dir, run_id, summary)
+        message = None if len(finals) == self._workers else "a worker ended without a summary"
+        return RunResult(code, summary, message)
+
+
+async def run_workers(argv: list[str], settings: RunSettings, workers: int) -> RunResult:
+    """Harvest with ``workers`` processes; see the module docstring."""
+    return await WorkerPool(argv, settings, workers).run()
