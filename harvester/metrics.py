@@ -72,6 +72,35 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+class Timeline:
+    """Requests, 429/503s and the pacer's rate for each second of the run (for plots)."""
+
+    __slots__ = ("_start", "rate", "requests", "throttled")
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self.requests: list[int] = []
+        self.throttled: list[int] = []
+        self.rate: list[float] = []
+
+    def record(self, now: float, rate: float, *, throttled: bool = False) -> None:
+        """Count one request sent at ``now`` (loop time) while the pacer allowed ``rate``/s."""
+        if self._start is None:
+            self._start = now
+        second = int(now - self._start)
+        while len(self.requests) <= second:
+            self.requests.append(0)
+            self.throttled.append(0)
+            self.rate.append(rate)
+        self.requests[second] += 1
+        self.throttled[second] += throttled
+        self.rate[second] = rate
+
+    def as_dict(self) -> dict[str, list[Any]]:
+        """JSON-ready columns, one entry a second."""
+        return {"requests": self.requests, "throttled": self.throttled, "rate": self.rate}
+
+
 @dataclass
 class RunStats:
     """Everything counted during one run; the summary and the progress display read it."""
@@ -91,6 +120,7 @@ class RunStats:
     files_written: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def finished(self) -> int:

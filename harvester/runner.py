@@ -255,12 +255,14 @@ class Run:
         if self.settings.worker_stats:
             summary["latency_buckets"] = self.stats.latency.buckets()
         save_report(self.settings.out_dir, self.run_id, summary)
+        timeline = self.stats.timeline.as_dict()
+        save_report(self.settings.out_dir, self.run_id, timeline, kind="timelines")
         return RunResult(code, summary, message)
 
 
-def save_report(root: Path, run_id: str, summary: dict[str, Any]) -> None:
+def save_report(root: Path, run_id: str, summary: dict[str, Any], kind: str = "runs") -> None:
     """Keep the run's report beside the data, in a metadata path readers skip."""
-    directory = root / META_DIR / "runs"
+    directory = root / META_DIR / kind
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{run_id}.json.tmp"
     tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

@@ -178,22 +178,15 @@ class Scheduler:
         entry.polls += 1
         stats.requests += 1
         stats.in_flight += 1
+        throttled = False
         try:
             kind, doc = await self._client.poll(entry.id)
         except ThrottledError as exc:
-            stats.throttled += 1
-            stats.errors[exc.kind] += 1
-            self._pacer.pause(exc.retry_after or DEFAULT_THROTTLE_WAIT)
-            self._retry_later(entry, 0.0)
+            throttled = True
+            self._on_throttled(entry, exc)
             return
         except TransientError as exc:
-            stats.errors[exc.kind] += 1
-            entry.failures += 1
-            if entry.failures > self._policy.max_retries:
-                self._give_up(entry)
-            else:
-                stats.retries += 1
-                self._retry_later(entry, self._policy.backoff(entry.failures))
+            self._on_transient(entry, exc)
             return
         except FatalApiError as exc:
             self._abort(exc)
@@ -201,7 +194,25 @@ class Scheduler:
         finally:
             stats.in_flight -= 1
             stats.latency.record(self._client.last_latency)
+            stats.timeline.record(now, self._pacer.rate, throttled=throttled)
         await self._settle(entry, kind, doc)
+
+    def _on_throttled(self, entry: _Entry, exc: ThrottledError) -> None:
+        """429/503: the whole client waits and slows down; the id is not to blame."""
+        self._stats.throttled += 1
+        self._stats.errors[exc.kind] += 1
+        self._pacer.throttled(exc.retry_after or DEFAULT_THROTTLE_WAIT)
+        self._retry_later(entry, 0.0)
+
+    def _on_transient(self, entry: _Entry, exc: TransientError) -> None:
+        """Back off and retry, up to ``max_retries`` for this id; then leave it unresolved."""
+        self._stats.errors[exc.kind] += 1
+        entry.failures += 1
+        if entry.failures > self._policy.max_retries:
+            self._give_up(entry)
+        else:
+            self._stats.retries += 1
+            self._retry_later(entry, self._policy.backoff(entry.failures))
 
     async def _settle(self, entry: _Entry, kind: Kind, doc: Completion | None) -> None:
         if kind is Kind.RETRIEVING:

@@ -19,20 +19,53 @@ from aiolimiter import AsyncLimiter
 
 CATCH_UP_SECONDS = 0.02
 WINDOW_SECONDS = 1.02
+DECREASE_FACTOR = 0.5  # on 429/503: halve the rate ...
+DECREASE_GAP = 1.0  # ... at most once a second (one burst of 429s is one signal) ...
+INCREASE_SHARE = 0.05  # ... and win back 5% of the configured rate each calm second.
 
 
 class Pacer:
-    """Paces requests to ``rate`` per second and holds them all while the server asks us to."""
+    """Paces requests to ``rate`` per second and holds them all while the server asks us to.
+
+    The rate adapts (AIMD): each 429/503 halves it (once a second at most), and each second
+    without one adds back 5% of the configured rate, so the client settles just under what
+    the server can take instead of hammering it or stalling.
+    """
 
     def __init__(self, rate: float, *, window: float = WINDOW_SECONDS) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._window = window
+        self._paused_until = 0.0
+        self.max_rate = rate
+        self._min_rate = min(1.0, rate)
+        self._step = max(rate * INCREASE_SHARE, 0.1)
+        self._last_change = self._loop.time()
+        self._last_decrease = -DECREASE_GAP
+        self._sent: deque[float] = deque()
+        self._set_rate(rate)
+
+    def _set_rate(self, rate: float) -> None:
+        self.rate = rate
         burst = max(1, math.ceil(rate * CATCH_UP_SECONDS))
         # Created inside the running loop (AsyncLimiter binds to the loop on first use).
         self._bucket = AsyncLimiter(burst, burst / rate)
-        self._sent: deque[float] = deque(maxlen=max(1, math.floor(rate)))
-        self._window = window
-        self._paused_until = 0.0
-        self._loop = asyncio.get_running_loop()
-        self.rate = rate
+        # Keeps the most recent send times, so a lower rate binds at once.
+        self._sent = deque(self._sent, maxlen=max(1, math.floor(rate)))
+        self._last_change = self._loop.time()
+
+    def throttled(self, retry_after: float) -> None:
+        """The server said 429/503: pause everyone for ``retry_after`` and lower the rate."""
+        self.pause(retry_after)
+        now = self._loop.time()
+        if now - self._last_decrease >= DECREASE_GAP and self.rate > self._min_rate:
+            self._last_decrease = now
+            self._set_rate(max(self._min_rate, self.rate * DECREASE_FACTOR))
+
+    def _recover(self, now: float) -> None:
+        if self.rate < self.max_rate and now - self._last_change >= 1.0:
+            calm = now - self._last_decrease >= 1.0
+            if calm:
+                self._set_rate(min(self.max_rate, self.rate + self._step))
 
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` from now (Retry-After applies to the whole client)."""
@@ -46,9 +79,10 @@ class Pacer:
     async def acquire(self) -> None:
         """Wait until one more request may be sent now."""
         await self._wait_pause()
+        self._recover(self._loop.time())
         await self._bucket.acquire()
-        sent = self._sent
         while True:
+            sent = self._sent  # re-read: a rate change replaces it
             now = self._loop.time()
             if now < self._paused_until:
                 await self._wait_pause()
