@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from email.utils import formatdate
 from functools import lru_cache
 from hashlib import blake2b
 from statistics import NormalDist
@@ -200,6 +201,14 @@ _EXCLUSIVE_FAULTS: Final = (
     "unavailable_503_rate",
     "drop_rate",
     "truncate_rate",
+    "drop_after_headers_rate",
+    "wrong_shape_rate",
+    "html_body_rate",
+    "oversize_rate",
+    "unknown_status_rate",
+    "unknown_code_rate",
+    "slow_drip_rate",
+    "stall_rate",
 )
 # Leaves at least this share of requests fault-free so every id stays harvestable.
 _MAX_FAULT_SHARE: Final = 0.9
@@ -229,6 +238,20 @@ class Profile:
     burst_period_s: float = 0.0  # every period, the last burst_length_s fail a lot; 0 = never
     burst_length_s: float = 0.0
     burst_fault_rate: float = 0.0  # share of requests answering 500/502/504 inside a burst
+    # The rest of the fault matrix (each an exclusive share of requests, like the ones above):
+    drop_after_headers_rate: float = 0.0  # headers sent, then the body is cut mid-way
+    wrong_shape_rate: float = 0.0  # 200 valid JSON that is not a Completion
+    html_body_rate: float = 0.0  # 200 text/html although JSON was asked for
+    oversize_rate: float = 0.0  # 200 whose body is oversize_bytes long
+    unknown_status_rate: float = 0.0  # 202 with a status the spec does not list
+    unknown_code_rate: float = 0.0  # 404 or 418
+    slow_drip_rate: float = 0.0  # the right answer, dripped out over drip_s seconds
+    stall_rate: float = 0.0  # no answer for stall_s seconds (past a client's read timeout)
+    oversize_bytes: int = 30 * 1024 * 1024
+    drip_s: float = 3.0
+    stall_s: float = 120.0
+    retry_after_http_date: bool = False  # Retry-After as an HTTP date instead of seconds
+    capacity_rps: float = 0.0  # over this many requests in the last second: 429; 0 = none
 
     def __post_init__(self) -> None:
         """Reject settings the simulator cannot honour, saying which value to change."""
@@ -254,6 +277,10 @@ class Profile:
         lo, hi = self.retry_after_s
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise UsageError(f"{where}: retry_after_s must be (least, most) whole seconds >= 1")
+        for name in ("drip_s", "stall_s", "capacity_rps"):
+            _check_non_negative(where, name, getattr(self, name))
+        if self.oversize_bytes < 1:
+            raise UsageError(f"{where}: oversize_bytes must be at least 1")
         slow_lo, slow_hi = self.slow_s
         if not 0 <= slow_lo <= slow_hi:
             raise UsageError(f"{where}: slow_s must be (least, most) seconds with least >= 0")
@@ -278,6 +305,15 @@ class Profile:
             burst_period_s=0.0,
             burst_length_s=0.0,
             burst_fault_rate=0.0,
+            drop_after_headers_rate=0.0,
+            wrong_shape_rate=0.0,
+            html_body_rate=0.0,
+            oversize_rate=0.0,
+            unknown_status_rate=0.0,
+            unknown_code_rate=0.0,
+            slow_drip_rate=0.0,
+            stall_rate=0.0,
+            capacity_rps=0.0,
         )
 
 
@@ -573,6 +609,10 @@ class SimulatorStats:
             arrivals.popleft()
         self.max_per_second = max(self.max_per_second, len(arrivals))
 
+    def current_per_second(self) -> int:
+        """Arrivals in the last second, as of the latest arrival."""
+        return len(self._arrivals)
+
     def answered(self, status: int) -> None:
         """Count one answer by status code."""
         self.by_status[status] = self.by_status.get(status, 0) + 1
@@ -610,6 +650,19 @@ _FAULT_STATUS: Final = {
     "unavailable_503": 503,
 }
 _BURST_FAULTS: Final = ("error_500", "error_502", "error_504")
+# Faults answered by _body_fault, and faults that change how the right answer is sent.
+_BODY_FAULTS: Final = frozenset(
+    ("wrong_shape", "html_body", "oversize", "unknown_status", "unknown_code")
+)
+_ANSWER_FAULTS: Final = frozenset(("truncate", "drop_after_headers", "slow_drip", "stall"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Streamed:
+    """An answer whose body is sent by hand: cut after the headers, or dripped out."""
+
+    fault: str
+    answer: web.Response
 
 
 def _text(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -676,6 +729,8 @@ class _Server:
                 stats.dropped += 1
                 _drop(request)
                 return web.Response()  # never written: aiohttp sees the closed transport
+            if isinstance(response, _Streamed):
+                return await self._stream(request, response)
             stats.answered(response.status)
             try:
                 await response.prepare(request)
@@ -686,7 +741,32 @@ class _Server:
         finally:
             stats.in_flight -= 1
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse | None:
+    async def _stream(self, request: web.Request, streamed: _Streamed) -> web.StreamResponse:
+        """Send headers, then the body cut off mid-way or dripped out slowly."""
+        answer = streamed.answer
+        body = answer.body if isinstance(answer.body, bytes) else b""
+        response = web.StreamResponse(status=answer.status)
+        response.content_type = answer.content_type
+        response.content_length = len(body)
+        self.stats.answered(answer.status)
+        try:
+            await response.prepare(request)
+            if streamed.fault == "drop_after_headers":
+                await response.write(body[: len(body) // 2])
+                self.stats.dropped += 1
+                _drop(request)
+                return response
+            pieces = 10
+            step = max(1, -(-len(body) // pieces))
+            for start in range(0, len(body), step):
+                await response.write(body[start : start + step])
+                await asyncio.sleep(self.profile.drip_s * self.time_scale / pieces)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client gave up first (its read timeout): that is the point
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse | _Streamed | None:
         """Decide the answer (None = drop the connection) after the added latency."""
         if self.down:
             return None
@@ -704,17 +784,45 @@ class _Server:
         ready_at = now
         if plan.ready_delay_s > 0:
             ready_at = self.first_seen.setdefault(id_, now) + plan.ready_delay_s * self.time_scale
+        if self._over_capacity():
+            return self._throttle_response(429)
         fault = self._draw_fault(now)
         if fault is not None:
             if fault == "drop":
                 return None
-            if fault != "truncate":
+            if fault == "stall":
+                await asyncio.sleep(self.profile.stall_s * self.time_scale)
+            elif fault in _BODY_FAULTS:
+                return self._body_fault(fault)
+            elif fault not in _ANSWER_FAULTS:
                 return self._fault_response(fault)
         if now < ready_at:
-            return _json(202, _RETRIEVING)
-        if plan.fails:
-            return _json(202, _FAILED)
-        return self._completed(request, plan, truncate=fault == "truncate")
+            answer = _json(202, _RETRIEVING)
+        elif plan.fails:
+            answer = _json(202, _FAILED)
+        else:
+            answer = self._completed(request, plan, truncate=fault == "truncate")
+        if fault in ("drop_after_headers", "slow_drip"):
+            return _Streamed(fault, answer)
+        return answer
+
+    def _over_capacity(self) -> bool:
+        """True past the profile's capacity: arrivals in the last second exceed it."""
+        capacity = self.profile.capacity_rps
+        return capacity > 0 and self.stats.current_per_second() > capacity
+
+    def _body_fault(self, fault: str) -> web.Response:
+        """A 2xx whose body is unusable, or an unlisted status code."""
+        if fault == "wrong_shape":
+            return _json(200, b'{"model": 7, "query": null, "fanouts": "none"}')
+        if fault == "html_body":
+            return web.Response(text="<html><body>rendered</body></html>", content_type="text/html")
+        if fault == "oversize":
+            filler = b"x" * self.profile.oversize_bytes
+            return _json(200, b'{"model": "chatgpt", "html": "' + filler + b'"}')
+        if fault == "unknown_status":
+            return _json(202, b'{"status": "queued"}')
+        return _text(self.rng.choice((404, 418)), "Not here")
 
     async def _wait_latency(self) -> None:
         """Sleep the profile's lognormal latency, plus a slow spell for some requests."""
@@ -764,7 +872,16 @@ class _Server:
         status = _FAULT_STATUS[fault]
         if status in _FAULT_MESSAGES:
             return _text(status, _FAULT_MESSAGES[status])
-        value = format_retry_after(self.rng.randint(*self.profile.retry_after_s), self.time_scale)
+        return self._throttle_response(status)
+
+    def _throttle_response(self, status: int) -> web.Response:
+        """429 or 503 with Retry-After in seconds (scaled) or, if the profile says, a date."""
+        seconds = self.rng.randint(*self.profile.retry_after_s)
+        value = format_retry_after(seconds, self.time_scale)
+        if self.profile.retry_after_http_date:
+            # HTTP dates have whole seconds: round the scaled wait up so it is never zero.
+            wait = math.ceil(seconds * self.time_scale)
+            value = formatdate(time.time() + wait, usegmt=True)
         if status == 429:
             message = f"Rate limit was exceeded; please retry in {value} seconds"
         else:
