@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def simulator(profile: str = "instant", time_scale: float = 1.0) -> Iterator[str]:
+def simulator(
+    profile: str = "instant", time_scale: float = 1.0, capacity: float = 0.0
+) -> Iterator[str]:
     """``harvester serve`` in its own process (its own core); yields its base URL."""
     port = free_port()
     cmd = [
@@ -46,6 +48,8 @@ def simulator(profile: str = "instant", time_scale: float = 1.0) -> Iterator[str
         profile,
         "--time-scale",
         str(time_scale),
+        "--capacity",
+        str(capacity),
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

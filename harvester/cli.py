@@ -144,6 +144,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=1.0,
         help="multiply every delay (0.01 runs 100x faster) [%(default)s]",
     )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=0.0,
+        help="answer 429 past this many requests a second; 0 for no limit [%(default)s]",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -255,6 +261,7 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
             profile=args.profile,
             seed=args.seed,
             time_scale=args.time_scale,
+            capacity=args.capacity,
         )
     )
     return 0

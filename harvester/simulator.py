@@ -785,7 +785,7 @@ class _Server:
         if plan.ready_delay_s > 0:
             ready_at = self.first_seen.setdefault(id_, now) + plan.ready_delay_s * self.time_scale
         if self._over_capacity():
-            return self._throttle_response(429)
+            return self._throttle_response(429, seconds=1)  # the window is one second
         fault = self._draw_fault(now)
         if fault is not None:
             if fault == "drop":
@@ -874,9 +874,10 @@ class _Server:
             return _text(status, _FAULT_MESSAGES[status])
         return self._throttle_response(status)
 
-    def _throttle_response(self, status: int) -> web.Response:
+    def _throttle_response(self, status: int, seconds: int | None = None) -> web.Response:
         """429 or 503 with Retry-After in seconds (scaled) or, if the profile says, a date."""
-        seconds = self.rng.randint(*self.profile.retry_after_s)
+        if seconds is None:
+            seconds = self.rng.randint(*self.profile.retry_after_s)
         value = format_retry_after(seconds, self.time_scale)
         if self.profile.retry_after_http_date:
             # HTTP dates have whole seconds: round the scaled wait up so it is never zero.
@@ -1028,10 +1029,20 @@ class Simulator:
 
 
 async def serve(
-    *, host: str, port: int, token: str | None, profile: str, seed: int, time_scale: float
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    profile: str,
+    seed: int,
+    time_scale: float,
+    capacity: float = 0.0,
 ) -> None:
     """Run the simulator until cancelled, saying where it listens on stderr."""
-    app = make_app(token=token, profile=profile, seed=seed, time_scale=time_scale)
+    chosen = resolve_profile(profile)
+    if capacity:
+        chosen = replace(chosen, capacity_rps=capacity)
+    app = make_app(token=token, profile=chosen, seed=seed, time_scale=time_scale)
     runner, real_port = await _start(app, host, port)
     try:
         print(
