@@ -122,6 +122,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--worker-stats", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with exit 2 at the first input line that is not a uuid, naming file and "
+        "line (default: such values become invalid rows)",
+    )
+    p.add_argument(
         "--log-interval",
         type=_positive_float,
         default=10.0,
@@ -205,6 +211,7 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         log_interval=args.log_interval,
         shard=args.shard,
         worker_stats=args.worker_stats,
+        strict=args.strict,
     )
 
 

@@ -104,10 +104,13 @@ def classify(values: list[str], lines: list[int]) -> Batch:
 class IdReader:
     """Streams ids from a CSV with a header naming the id column, or one id per line."""
 
-    def __init__(self, path: Path, *, id_column: str = "id", batch_size: int = 4096) -> None:
+    def __init__(
+        self, path: Path, *, id_column: str = "id", batch_size: int = 4096, strict: bool = False
+    ) -> None:
         self.path = path
         self.id_column = id_column
         self.batch_size = batch_size
+        self.strict = strict  # stop at the first value that is not a uuid
         self.size_bytes = 0
 
     def open(self) -> Iterator[Batch]:
@@ -177,17 +180,40 @@ class IdReader:
             if first is not None:
                 values.append(first[0])
                 lines.append(first[1])
-            for row in reader:
-                if column >= len(row) or not row[column].strip():
-                    continue  # blank line, or a short row with no id: nothing to harvest
-                values.append(row[column])
+            while (value := self._next_value(reader, column)) is not None:
+                values.append(value)
                 lines.append(reader.line_num)
                 if len(values) >= self.batch_size:
-                    yield classify(values, lines)
+                    yield self._classify(values, lines)
                     values, lines = [], []
             if values:
-                yield classify(values, lines)
-        except csv.Error as exc:
-            raise InputError(f"{self.path}:{reader.line_num}: not valid CSV ({exc})") from exc
+                yield self._classify(values, lines)
         finally:
             handle.close()
+
+    def _next_value(self, reader: Reader, column: int) -> str | None:
+        """The next id value (None at the end); blank lines and rows without one are skipped."""
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as exc:
+                # A line the csv module cannot take (say, a field over 16 MiB) becomes an
+                # invalid row naming the line, and reading goes on; --strict stops here.
+                reason = f"not valid CSV ({exc})"
+                if self.strict:
+                    raise InputError(f"{self.path}:{reader.line_num}: {reason}") from exc
+                return f"line {reader.line_num}: {reason}"
+            if column < len(row) and row[column].strip():
+                return row[column]
+
+    def _classify(self, values: list[str], lines: list[int]) -> Batch:
+        batch = classify(values, lines)
+        if self.strict and not all(batch.valid):
+            bad = batch.valid.index(False)
+            value = values[bad].strip()
+            reason = "not valid UTF-8" if "\ufffd" in value else "not a uuid"
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            raise InputError(f"{self.path}:{lines[bad]}: {reason}: {shown!r}")
+        return batch

@@ -112,7 +112,7 @@ class Run:
     def _prepare(self) -> tuple[Iterator[Batch], int, IdSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
-        reader = IdReader(s.ids_path, id_column=s.id_column)
+        reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
         total = reader.count_lines()
         self._lease.acquire()

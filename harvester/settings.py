@@ -60,6 +60,7 @@ class RunSettings:
     allow_insecure: bool = False
     log_interval: float = 10.0
     shard: Shard = WHOLE
+    strict: bool = False  # stop (exit 2) at the first input line that is not a uuid
     worker_stats: bool = False  # set for --workers children: counters as JSON lines on stdout
 
     def __post_init__(self) -> None:

@@ -405,10 +405,23 @@ def test_reader_oversized_first_field(tmp_path: Path) -> None:
 
 
 def test_reader_oversized_later_field(tmp_path: Path) -> None:
-    """A later field past the CSV limit is an InputError naming its line."""
+    """A later field past the CSV limit becomes an invalid value naming its line; reading goes on."""
+    body = f"id\n{U1}\n".encode() + b"y" * (17 * 1024 * 1024) + f"\n{U2}\n".encode()
+    path = write(tmp_path, body)
+    batches = list(IdReader(path).open())
+    ids = [i for b in batches for i in b.ids]
+    valid = [v for b in batches for v in b.valid]
+    assert ids[0] == U1
+    assert ids[2] == U2
+    assert ids[1].startswith("line 3: not valid CSV")
+    assert valid == [True, False, True]
+
+
+def test_reader_oversized_later_field_strict(tmp_path: Path) -> None:
+    """With --strict the same line stops the read with an InputError naming it."""
     path = write(tmp_path, f"id\n{U1}\n".encode() + b"y" * (17 * 1024 * 1024) + b"\n")
     with pytest.raises(InputError, match=r":3: not valid CSV"):
-        read_all(path)
+        list(IdReader(path, strict=True).open())
 
 
 def test_reader_headerless_junk_first_line(tmp_path: Path) -> None:
