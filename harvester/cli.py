@@ -151,6 +151,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="multiply every delay (0.01 runs 100x faster) [%(default)s]",
     )
     p.add_argument(
+        "--latency",
+        type=float,
+        default=None,
+        help="answer every request after exactly this many seconds (before --time-scale), "
+        "instead of the profile's latency",
+    )
+    p.add_argument(
         "--capacity",
         type=float,
         default=0.0,
@@ -258,8 +265,10 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from .limits import raise_open_files_to_hard
     from .simulator import serve
 
+    raise_open_files_to_hard()  # one file per client connection
     run_loop(
         serve(
             host=args.host,
@@ -269,6 +278,7 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
             seed=args.seed,
             time_scale=args.time_scale,
             capacity=args.capacity,
+            latency=args.latency,
         )
     )
     return 0

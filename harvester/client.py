@@ -21,6 +21,7 @@ from .errors import (
     FatalApiError,
     ServerError,
     ThrottledError,
+    TlsError,
     TransientError,
     TransportError,
 )
@@ -96,6 +97,11 @@ class CompletionsClient:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise TransportError("timeout", "request timed out") from exc
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            raise TlsError(
+                f"TLS verification failed for {self._prefix.split('/')[2]} ({exc}); fix the "
+                "server's certificate, or point SSL_CERT_FILE at the CA that signed it"
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise TransportError("connect_error", f"cannot connect: {exc.os_error}") from exc
         except aiohttp.ClientPayloadError as exc:

@@ -22,15 +22,23 @@ class InputError(UsageError):
     """The ids file is missing, unreadable, empty or has no id column."""
 
 
-# -- the API said no for the whole run (exit 3) -----------------------------------------------
+# -- no later request can succeed: the run stops (exit 3) ------------------------------------
 
 
-class FatalApiError(HarvesterError):
-    """401/402/403: no later request can succeed, so the run stops."""
+class FatalError(HarvesterError):
+    """Retrying cannot help: stop the run now and say what to fix."""
+
+
+class FatalApiError(FatalError):
+    """401/402/403: the API refuses this token or account."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TlsError(FatalError):
+    """The server's certificate did not verify: talking to it further would be unsafe."""
 
 
 # -- one request failed but a later one may succeed -------------------------------------------

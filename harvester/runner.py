@@ -26,6 +26,7 @@ from .errors import InputError
 from .ids import Batch, IdReader
 from .idset import IdSet
 from .lease import RunLease, clean_stale_temporaries
+from .limits import ensure_open_files
 from .metrics import RunStats
 from .progress import Progress
 from .scheduler import Policy, Scheduler
@@ -112,6 +113,7 @@ class Run:
     def _prepare(self) -> tuple[Iterator[Batch], int, IdSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
+        ensure_open_files(s.concurrency)
         reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
         total = reader.count_lines()

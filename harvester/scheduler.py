@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .client import Completion, CompletionsClient, Kind
-from .errors import FatalApiError, ThrottledError, TransientError
+from .errors import FatalError, ThrottledError, TransientError
 from .ids import Batch
 from .idset import IdSet
 from .metrics import RunStats
@@ -88,7 +88,7 @@ class Scheduler:
         self._feeding = True
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
-        self.fatal: FatalApiError | None = None
+        self.fatal: FatalError | None = None
 
     @property
     def in_play(self) -> int:
@@ -119,8 +119,8 @@ class Scheduler:
         for _ in range(self._concurrency):
             self._ready.put_nowait(None)
 
-    def _abort(self, exc: FatalApiError) -> None:
-        """401/402/403: no request can succeed any more, so stop now, not after in-flight ones."""
+    def _abort(self, exc: FatalError) -> None:
+        """401/402/403 or TLS: nothing can succeed any more; stop now, not after in-flight ones."""
         if self.fatal is None:
             self.fatal = exc
         self.stop()
@@ -188,7 +188,7 @@ class Scheduler:
         except TransientError as exc:
             self._on_transient(entry, exc)
             return
-        except FatalApiError as exc:
+        except FatalError as exc:
             self._abort(exc)
             return
         finally:

@@ -1037,11 +1037,14 @@ async def serve(
     seed: int,
     time_scale: float,
     capacity: float = 0.0,
+    latency: float | None = None,
 ) -> None:
     """Run the simulator until cancelled, saying where it listens on stderr."""
     chosen = resolve_profile(profile)
     if capacity:
         chosen = replace(chosen, capacity_rps=capacity)
+    if latency is not None:
+        chosen = replace(chosen, latency_median_s=latency, latency_sigma=0.0)
     app = make_app(token=token, profile=chosen, seed=seed, time_scale=time_scale)
     runner, real_port = await _start(app, host, port)
     try:

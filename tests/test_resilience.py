@@ -1,0 +1,105 @@
+"""The server goes away and comes back; ten thousand requests in flight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harvester.runner import EXIT_OK, harvest
+from harvester.simulator import PROFILES, Simulator
+
+from .conftest import TOKEN, fast_settings, make_ids, read_rows, write_csv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_run_survives_a_server_restart(tmp_path: Path) -> None:
+    """The server is gone for a while mid-run (refused connections), comes back; all ids done."""
+    calm = PROFILES["realistic"].without_faults()
+    ids = make_ids(300)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    port = free_port()
+    kwargs = {"token": TOKEN, "profile": calm, "seed": 4, "time_scale": 0.02, "port": port}
+    settings = fast_settings(
+        path, tmp_path / "out", f"http://127.0.0.1:{port}", max_retries=30, backoff_max=0.3
+    )
+    first = Simulator(**kwargs)  # type: ignore[arg-type]
+    await first.__aenter__()
+    run = asyncio.create_task(harvest(settings))
+    await asyncio.sleep(0.6)
+    served_before = first.stats.requests
+    await first.__aexit__(None, None, None)  # 30 s of outage at this time scale: 1.5 s
+    await asyncio.sleep(1.5)
+    async with Simulator(**kwargs) as second:  # type: ignore[arg-type]
+        result = await asyncio.wait_for(run, 60)
+        served_after = second.stats.requests
+    s = result.summary
+    assert served_before > 0
+    assert served_after > 0
+    assert result.exit_code == EXIT_OK
+    assert s["completed"] + s["failed"] == len(ids)
+    assert s["errors"].get("connect_error", 0) > 0  # the outage was seen...
+    assert sorted(read_rows(tmp_path / "out").column("id").to_pylist()) == sorted(ids)
+
+
+def server_stats(url: str) -> dict[str, int]:
+    """What the simulator served."""
+    with urllib.request.urlopen(f"{url}/_sim/stats", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+@contextlib.contextmanager
+def serve_subprocess(*args: str) -> Iterator[str]:
+    """``harvester serve`` in its own process; yields its base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "harvester", "serve", "--port", str(port), "--token", TOKEN, *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/_sim/stats", timeout=1).read()
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
+    """10,000 concurrent requests to a 1 s-latency server complete with every id accounted for."""
+    count = 10_000
+    ids = make_ids(count, seed=9)
+    path = write_csv(tmp_path / "ids.csv", ids)
+    with serve_subprocess("--profile", "instant", "--latency", "1") as url:
+        settings = fast_settings(
+            path, tmp_path / "out", url, concurrency=count, max_in_play=count, rate=50_000,
+            request_timeout=60.0,
+        )  # fmt: skip
+        result = await harvest(settings)
+        server = await asyncio.to_thread(server_stats, url)
+    s = result.summary
+    assert result.exit_code == EXIT_OK
+    assert s["completed"] + s["failed"] == count
+    assert s["requests"] == count
+    assert server["peak_in_flight"] > count // 2  # loose: thousands really were in flight
+    assert read_rows(tmp_path / "out").num_rows == count
+    print(f"10k in flight: {s['elapsed_s']} s, peak RSS {s['peak_rss_mb']} MiB, "
+          f"server peak in flight {server['peak_in_flight']}")  # fmt: skip
