@@ -13,7 +13,7 @@ from .settings import RunSettings
 from .simulator import Simulator
 
 DEMO_TOKEN = "demo-token"
-DEMO_TIME_SCALE = 0.02  # 50x faster than real: copilot's 152 s becomes 3 s
+DEMO_TIME_SCALE = 0.01  # 100x faster than real: copilot's 152 s becomes 1.5 s
 DEMO_SEED = 2026
 
 
@@ -50,7 +50,7 @@ async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
             base_url=sim.base_url,
             rate=5000,
             concurrency=128,
-            max_in_play=20_000,
+            max_in_play=5_000,
             poll_interval=4.0 * DEMO_TIME_SCALE * 2,
             max_poll_interval=30.0 * DEMO_TIME_SCALE,
             max_wait=600.0 * DEMO_TIME_SCALE,

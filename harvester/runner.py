@@ -159,7 +159,7 @@ class Run:
                 backoff_max=s.backoff_max,
             ),
             concurrency=s.concurrency,
-            max_in_play=s.max_in_play,
+            max_in_play=in_play_cap(s),
             shard=s.shard,
         )
         interval = 0.0 if s.worker_stats else s.log_interval
@@ -260,6 +260,16 @@ class Run:
         timeline = self.stats.timeline.as_dict()
         save_report(self.settings.out_dir, self.run_id, timeline, kind="timelines")
         return RunResult(code, summary, message)
+
+
+def in_play_cap(s: RunSettings) -> int:
+    """Ids to keep in play: --max-in-play, but no more than the rate can poll in time.
+
+    Every id in play may be queued behind all the others, about in_play / rate seconds; an
+    id should get a handful of polls before --max-wait, so a slow --rate keeps fewer in play.
+    """
+    affordable = int(s.rate * s.max_wait / 5)
+    return max(s.concurrency, min(s.max_in_play, affordable))
 
 
 def save_report(root: Path, run_id: str, summary: dict[str, Any], kind: str = "runs") -> None:

@@ -195,6 +195,8 @@ class Scheduler:
             stats.in_flight -= 1
             stats.latency.record(self._client.last_latency)
             stats.timeline.record(now, self._pacer.rate, throttled=throttled)
+            if not throttled:
+                self._pacer.answered()
         await self._settle(entry, kind, doc)
 
     def _on_throttled(self, entry: _Entry, exc: ThrottledError) -> None:

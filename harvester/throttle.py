@@ -19,17 +19,52 @@ from aiolimiter import AsyncLimiter
 
 CATCH_UP_SECONDS = 0.02
 WINDOW_SECONDS = 1.02
-DECREASE_FACTOR = 0.7  # on 429/503: cut the rate by 30% ...
+DECREASE_FACTOR = 0.7  # on overload: cut the rate by 30% ...
 DECREASE_GAP = 0.25  # ... at most every 250 ms (a burst of 429s is one signal) ...
+OVERLOAD_SHARE = 0.1  # ... when 10% of the last second's answers were 429/503 ...
 INCREASE_SHARE = 0.02  # ... and win back 2% of the configured rate each calm second.
+
+
+class _ShareWindow:
+    """Share of 429/503 answers over the last second, in ten 100 ms buckets (O(1) a call)."""
+
+    __slots__ = ("_bad", "_ok", "_tick")
+
+    def __init__(self) -> None:
+        self._ok = [0] * 10
+        self._bad = [0] * 10
+        self._tick = 0
+
+    def add(self, now: float, throttled: bool) -> None:
+        tick = self._advance(now)
+        if throttled:
+            self._bad[tick % 10] += 1
+        else:
+            self._ok[tick % 10] += 1
+
+    def share(self, now: float) -> float:
+        self._advance(now)
+        bad = sum(self._bad)
+        total = bad + sum(self._ok)
+        return bad / total if total else 0.0
+
+    def _advance(self, now: float) -> int:
+        tick = int(now * 10)
+        for t in range(max(self._tick + 1, tick - 9), tick + 1):
+            self._ok[t % 10] = self._bad[t % 10] = 0
+        self._tick = max(self._tick, tick)
+        return tick
 
 
 class Pacer:
     """Paces requests to ``rate`` per second and holds them all while the server asks us to.
 
-    The rate adapts (AIMD): each 429/503 halves it (once a second at most), and each second
-    without one adds back 5% of the configured rate, so the client settles just under what
-    the server can take instead of hammering it or stalling.
+    Every 429/503 pauses the whole client for its Retry-After. The rate also adapts (AIMD)
+    when the server is overloaded, i.e. when at least 10% of the last second's answers were
+    429/503 (a few scattered ones are the server's noise, not a signal to slow down): it drops
+    by 30% at most every 250 ms, and each calm second wins back 2% of the configured rate,
+    so the client settles just under what the server can take instead of hammering or
+    stalling.
     """
 
     def __init__(self, rate: float, *, window: float = WINDOW_SECONDS) -> None:
@@ -42,6 +77,7 @@ class Pacer:
         self._last_change = self._loop.time()
         self._last_decrease = -DECREASE_GAP
         self._sent: deque[float] = deque()
+        self._answers = _ShareWindow()
         self._set_rate(rate)
 
     def _set_rate(self, rate: float) -> None:
@@ -53,11 +89,20 @@ class Pacer:
         self._sent = deque(self._sent, maxlen=max(1, math.floor(rate)))
         self._last_change = self._loop.time()
 
+    def answered(self) -> None:
+        """One answer that was not a 429/503 (for the overload share)."""
+        self._answers.add(self._loop.time(), False)
+
     def throttled(self, retry_after: float) -> None:
-        """The server said 429/503: pause everyone for ``retry_after`` and lower the rate."""
+        """The server said 429/503: pause everyone, and lower the rate if it is overloaded."""
         self.pause(retry_after)
         now = self._loop.time()
-        if now - self._last_decrease >= DECREASE_GAP and self.rate > self._min_rate:
+        self._answers.add(now, True)
+        if (
+            now - self._last_decrease >= DECREASE_GAP
+            and self.rate > self._min_rate
+            and self._answers.share(now) >= OVERLOAD_SHARE
+        ):
             self._last_decrease = now
             self._set_rate(max(self._min_rate, self.rate * DECREASE_FACTOR))
 
