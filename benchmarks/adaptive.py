@@ -33,7 +33,10 @@ def plot(timeline: dict[str, list[float]], capacity: float, rate: float) -> None
     ax.set_ylim(0, max(capacity * 1.6, max(timeline["requests"]) * 1.1))
     ax.set_xlabel("seconds")
     ax.set_ylabel("per second")
-    ax.set_title(f"harvester --rate {rate:.0f} against a server taking {capacity:.0f}/s")
+    ax.set_title(
+        f"harvester --rate {rate:.0f} against a server taking {capacity:.0f}/s "
+        "(429 + Retry-After 0.1 s past it)"
+    )
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(RESULTS / "adaptive.png", dpi=100)
@@ -44,11 +47,16 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=100)
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--ids", type=int, default=3000)
+    parser.add_argument(
+        "--retry-after", type=float, default=0.1,
+        help="seconds of Retry-After on the server's 429s (1 s pauses hide the AIMD)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     out = SCRATCH / "adaptive-out"
     shutil.rmtree(out, ignore_errors=True)
-    with simulator("instant", capacity=args.capacity) as url:
+    # The instant profile has no delays, so the time scale only sets Retry-After.
+    with simulator("instant", time_scale=args.retry_after, capacity=args.capacity) as url:
         summary = harvest_json(ids_file(args.ids), out, url, "--rate", str(args.rate))
     [path] = (out / "_harvester" / "timelines").glob("*.json")
     timeline = json.loads(path.read_text())
@@ -59,6 +67,7 @@ def main() -> None:
         "capacity": args.capacity,
         "rate": args.rate,
         "ids": args.ids,
+        "retry_after_s": args.retry_after,
         "elapsed_s": summary["elapsed_s"],
         "ids_per_s": summary["ids_per_s"],
         "throttled_share": round(summary["throttled"] / max(summary["requests"], 1), 3),
