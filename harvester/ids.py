@@ -111,6 +111,7 @@ class IdReader:
         self.id_column = id_column
         self.batch_size = batch_size
         self.strict = strict  # stop at the first value that is not a uuid
+        self.has_header = True  # known once open() has read the first row
         self.size_bytes = 0
 
     def open(self) -> Iterator[Batch]:
@@ -130,12 +131,14 @@ class IdReader:
         return self._batches(handle, rows, column, first)
 
     def count_lines(self) -> int:
-        """Cheap upper bound on the number of ids, for progress and ETA."""
-        count = 0
+        """Cheap upper bound on the number of ids (lines, less the header), for the ETA."""
+        count, last = 0, b"\n"
         with self.path.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 count += chunk.count(b"\n")
-        return count + 1
+                last = chunk[-1:]
+        count += last != b"\n"  # a last line without its newline
+        return max(count - self.has_header, 0)
 
     def _check_file(self) -> int:
         try:
@@ -164,6 +167,7 @@ class IdReader:
         if wanted in names:
             return names.index(wanted), None
         if len(first) == 1 and normalise(first[0]) is not None:
+            self.has_header = False
             return 0, (first[0], rows.line_num)  # headerless: one id per line
         shown = ", ".join(repr(cell) for cell in first[:5])
         raise InputError(

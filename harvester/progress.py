@@ -87,12 +87,13 @@ class Progress:
                 while True:
                     self._update(bar, task)
                     await asyncio.sleep(_REFRESH_SECONDS)
-            self._update(bar, task)
+            self._update(bar, task, final=True)
 
-    def _update(self, bar: RichProgress, task: object) -> None:
+    def _update(self, bar: RichProgress, task: object, *, final: bool = False) -> None:
         s = self._stats
         done = s.finished + s.already_done
-        total = max(self._total, s.unique_ids, done)
+        # The line count is an estimate (duplicates, blank lines); at the end, the truth.
+        total = done if final else max(self._total, s.unique_ids, done)
         outcomes = f"✓{s.completed} ✗{s.failed} ?{s.invalid} …{s.unresolved}"
         bar.update(
             task,  # type: ignore[arg-type]
