@@ -112,13 +112,14 @@ class IdReader:
         self.batch_size = batch_size
         self.strict = strict  # stop at the first value that is not a uuid
         self.has_header = True  # known once open() has read the first row
+        self._handle: TextIO | None = None
         self.size_bytes = 0
 
     def open(self) -> Iterator[Batch]:
         """Check the file and return an iterator of batches; raises ``InputError`` with a reason."""
         self.size_bytes = self._check_file()
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-        handle = self.path.open(encoding="utf-8-sig", errors="replace", newline="")
+        handle = self._handle = self.path.open(encoding="utf-8-sig", errors="replace", newline="")
         rows = csv.reader(handle)
         try:
             column, first = self._locate_column(rows)
@@ -129,6 +130,11 @@ class IdReader:
             handle.close()
             raise
         return self._batches(handle, rows, column, first)
+
+    def close(self) -> None:
+        """Close the file; needed only when the batches are abandoned before they start."""
+        if self._handle is not None:
+            self._handle.close()
 
     def count_lines(self) -> int:
         """Cheap upper bound on the number of ids (lines, less the header), for the ETA."""

@@ -86,47 +86,56 @@ class Run:
 
     async def execute(self) -> RunResult:
         """Harvest, commit and report; the session is closed only if this run opened it."""
-        s = self.settings
-        batches, total, done = await asyncio.to_thread(self._prepare)
+        self._install_signals()  # from the start: a SIGTERM while loading still ends cleanly
         try:
-            session = self._session or make_session(
-                s.token,
-                limit=s.concurrency,
-                connect_timeout=s.connect_timeout,
-                request_timeout=s.request_timeout,
-            )
-            started = time.monotonic()
-            sink = ParquetSink(
-                s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
-            )
-            try:
-                await self._harvest(
-                    session, sink, _first_batch_checked(batches, s.ids_path), done, total
-                )
-            finally:
-                if self._session is None:
-                    await session.close()
-            return self._finish(time.monotonic() - started)
+            reader, batches, total, done = await asyncio.to_thread(self._prepare)
+            if self._interrupted:
+                reader.close()
+                return self._finish(0.0)
+            return await self._run_prepared(batches, total, done)
         finally:
+            self._remove_signals()
             self._lease.release()
 
-    def _prepare(self) -> tuple[Iterator[Batch], int, IdSet]:
+    async def _run_prepared(self, batches: Iterator[Batch], total: int, done: IdSet) -> RunResult:
+        s = self.settings
+        session = self._session or make_session(
+            s.token,
+            limit=s.concurrency,
+            connect_timeout=s.connect_timeout,
+            request_timeout=s.request_timeout,
+        )
+        started = time.monotonic()
+        sink = ParquetSink(
+            s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
+        )
+        try:
+            await self._harvest(
+                session, sink, _first_batch_checked(batches, s.ids_path), done, total
+            )
+        finally:
+            if self._session is None:
+                await session.close()
+        return self._finish(time.monotonic() - started)
+
+    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, IdSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
         ensure_open_files(s.concurrency)
         reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
-        total = reader.count_lines()
-        self._lease.acquire()
         try:
+            total = reader.count_lines()
+            self._lease.acquire()
             removed = clean_stale_temporaries(s.out_dir)
             if removed:
                 log.info("removed %d temporary files left by stopped runs", removed)
             done = load_done(s.out_dir, s.shard)
         except BaseException:
+            reader.close()
             self._lease.release()
             raise
-        return batches, max(1, round(total / s.shard.count)), done
+        return reader, batches, max(1, round(total / s.shard.count)), done
 
     async def _harvest(
         self,
@@ -166,7 +175,6 @@ class Run:
         progress = Progress(self.stats, total=total, enabled=s.progress, interval=interval)
         flusher = asyncio.create_task(sink.commit_periodically(s.flush_interval))
         reporter = asyncio.create_task(self._report_counters()) if s.worker_stats else None
-        self._install_signals()
         try:
             with progress:
                 await self._run_scheduler(scheduler, batches, done)
@@ -177,7 +185,6 @@ class Run:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            self._remove_signals()
             self.stats.unresolved += scheduler.in_play  # stopped early: no row, next run polls
             self.stats.rows_written = sink.rows_written
             self.stats.files_written = sink.files_written
@@ -186,6 +193,8 @@ class Run:
         self, scheduler: Scheduler, batches: AsyncIterator[Batch], done: IdSet
     ) -> None:
         task = self._task = asyncio.create_task(scheduler.run(batches, IdSet(), done))
+        if self._interrupted:
+            scheduler.stop()  # a signal came between start-up and now
         try:
             await task
         except asyncio.CancelledError:
@@ -219,7 +228,10 @@ class Run:
     def _on_signal(self, sig: signal.Signals) -> None:
         """First signal: stop polling, let in-flight requests end (bounded). Second: now."""
         self._interrupted += 1
-        if self._interrupted == 1 and self._scheduler is not None:
+        if self._scheduler is None:
+            log.warning("%s: stopping before the first request", sig.name)
+            return
+        if self._interrupted == 1:
             log.warning(
                 "%s: finishing in-flight requests (up to %.0f s), then committing; "
                 "signal again to stop at once",

@@ -148,16 +148,29 @@ class Scheduler:
             stats.unique_ids += int(new.sum())
             stats.duplicates += len(new) - int(new.sum())
             stats.already_done += int(old.sum())
-            for i in (new & ~old).nonzero()[0].tolist():
+            await self._take(batch, (new & ~old).nonzero()[0].tolist())
+
+    async def _take(self, batch: Batch, todo: list[int]) -> None:
+        """Admit the batch's new ids; those never admitted (a stop, an abort) are unresolved."""
+        taken = 0
+        try:
+            for i in todo:
                 if self._stopping:
                     return
                 if batch.valid[i]:
-                    await self._admit(batch.ids[i])
+                    await self._room.acquire()
+                    self._admit(batch.ids[i])
+                    taken += 1
                 else:
-                    await self._record(batch.ids[i], "invalid", None, 0)
+                    self._note(batch.ids[i], "invalid", None, 0)
+                    taken += 1
+                    await self._backpressure()
+        finally:
+            # Counted already as unique ids, so they must land somewhere in the summary.
+            self._stats.unresolved += len(todo) - taken
 
-    async def _admit(self, conversation_id: str) -> None:
-        await self._room.acquire()
+    def _admit(self, conversation_id: str) -> None:
+        """Put an id in play (its room is already taken)."""
         self._in_play += 1
         self._ready.put_nowait(_Entry(conversation_id))
 
@@ -252,6 +265,11 @@ class Scheduler:
     async def _record(
         self, conversation_id: str, status: str, doc: Completion | None, polls: int
     ) -> None:
+        self._note(conversation_id, status, doc, polls)
+        await self._backpressure()
+
+    def _note(self, conversation_id: str, status: str, doc: Completion | None, polls: int) -> None:
+        """Count a terminal outcome and buffer its row (committed by the sink's next flush)."""
         stats = self._stats
         if status == "completed":
             stats.completed += 1
@@ -260,5 +278,7 @@ class Scheduler:
         else:
             stats.invalid += 1
         self._sink.add(conversation_id, status, doc, polls)
+
+    async def _backpressure(self) -> None:
         if self._sink.overfull():
-            await self._sink.flush()  # back-pressure: memory stays bounded
+            await self._sink.flush()  # memory stays bounded

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from .errors import UsageError
 from .idset import Keys, Mask
 
+MAX_SHARDS = 1 << 20  # far more processes than anyone runs; and well inside the 64-bit hash
 _SPEC = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -46,9 +47,10 @@ class Shard:
     count: int = 1
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
+        if not 1 <= self.count <= MAX_SHARDS or not 0 <= self.index < self.count:
             raise UsageError(
-                f"--shard {self.index}/{self.count}: K must be in 0..N-1 and N >= 1 (e.g. 0/4)"
+                f"--shard {self.index}/{self.count}: K must be in 0..N-1 and N in 1..{MAX_SHARDS} "
+                "(e.g. 0/4)"
             )
 
     @classmethod

@@ -37,7 +37,8 @@ from .shard import Shard
 from .sink import new_run_id
 
 # The worst outcome decides the merged exit code.
-_SEVERITY = [EXIT_AUTH, EXIT_OUTPUT, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_UNRESOLVED, EXIT_OK]
+_SEVERITY = [EXIT_AUTH, EXIT_OUTPUT, EXIT_USAGE]
+_MILD = [EXIT_INTERRUPTED, EXIT_UNRESOLVED, EXIT_OK]
 _SUMMED = (
     "unique_ids", "already_done", "completed", "failed", "invalid", "unresolved", "duplicates",
     "requests", "retries", "throttled", "rows_written", "files_written",
@@ -45,9 +46,19 @@ _SUMMED = (
 
 
 def worst(codes: list[int]) -> int:
-    """The exit code that matters most among the workers'."""
-    ranked = [code for code in _SEVERITY if code in codes]
-    return ranked[0] if ranked else max(codes)
+    """The exit code that matters most among the workers'.
+
+    A worker killed by a signal (a negative return code, say -9 from the OOM killer) is
+    reported the shell's way, 128 + signal, and outranks the mild codes: it is never success.
+    """
+    codes = [128 - code if code < 0 else code for code in codes]
+    for code in _SEVERITY:
+        if code in codes:
+            return code
+    unknown = [code for code in codes if code not in _MILD]
+    if unknown:
+        return max(unknown)
+    return next(code for code in _MILD if code in codes)
 
 
 def child_argv(argv: list[str], shard: Shard, settings: RunSettings, workers: int) -> list[str]:
@@ -90,6 +101,7 @@ class WorkerPool:
         s = self._settings
         total = await asyncio.to_thread(IdReader(s.ids_path, id_column=s.id_column).count_lines)
         shards = s.shard.split(self._workers)
+        self._forward_signals()  # before the first child starts, so none is ever orphaned
         for shard in shards:
             args = child_argv(self._argv, shard, s, self._workers)
             self._procs.append(
@@ -97,7 +109,6 @@ class WorkerPool:
                     sys.executable, "-m", "harvester", *args, stdout=asyncio.subprocess.PIPE
                 )
             )
-        self._forward_signals()
         progress = Progress(self._stats, total=total, enabled=s.progress, interval=s.log_interval)
         with progress:
             await asyncio.gather(*(self._follow(i) for i in range(self._workers)))

@@ -405,7 +405,7 @@ def test_reader_oversized_first_field(tmp_path: Path) -> None:
 
 
 def test_reader_oversized_later_field(tmp_path: Path) -> None:
-    """A later field past the CSV limit becomes an invalid value naming its line; reading goes on."""
+    """A field past the CSV limit becomes an invalid value naming its line; reading goes on."""
     body = f"id\n{U1}\n".encode() + b"y" * (17 * 1024 * 1024) + f"\n{U2}\n".encode()
     path = write(tmp_path, body)
     batches = list(IdReader(path).open())
