@@ -99,14 +99,14 @@ def test_keys_with_nul_bytes_and_trailing_zeros_are_distinct() -> None:
     assert not ids.contains(as_keys([b"b" + bytes(15), b"\x00" * 15 + b"\x02"])).any()
 
 
-def test_nbytes_is_16_per_key() -> None:
-    """The keys cost 16 bytes each, with no copies kept after merges."""
+def test_nbytes_is_24_per_key() -> None:
+    """A key costs 24 bytes (itself and its uint64 head), with no copies kept after merges."""
     ids = IdSet()
     rng = random.Random(7)
     for _ in range(50):
         ids.add_new(as_keys([rng.randbytes(16) for _ in range(100)]))
     assert len(ids) == 5000
-    assert ids.nbytes == 16 * len(ids)
+    assert ids.nbytes == 24 * len(ids)  # 16-byte key + 8-byte uint64 head
 
 
 def test_many_batches_against_set_oracle() -> None:
@@ -133,7 +133,7 @@ def test_many_batches_against_set_oracle() -> None:
         assert mask.tolist() == expected
         assert len(ids) == len(oracle)
         seen.extend(fresh)
-    assert ids.nbytes == 16 * len(oracle)
+    assert ids.nbytes == 24 * len(oracle)
     probe = list(rng.choice(np.array(seen, dtype=object), 500)) + [
         bytes(row) for row in rng.integers(0, 256, size=(500, 16), dtype=np.uint8)
     ]
@@ -160,6 +160,6 @@ def test_add_new_matches_set_oracle_with_collisions(batches: list[list[bytes]]) 
             oracle.add(value)
         assert ids.add_new(as_keys(batch)).tolist() == expected
         assert len(ids) == len(oracle)
-        assert ids.nbytes == 16 * len(oracle)
+        assert ids.nbytes == 24 * len(oracle)
     universe = [bytes([a]) + bytes(14) + bytes([b]) for a in range(4) for b in (0, 1, 255)]
     assert ids.contains(as_keys(universe)).tolist() == [u in oracle for u in universe]
