@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import SinkError
-from .ids import invalid_key
+from .ids import CANONICAL, invalid_key, uuid_key
 from .idset import KEY_DTYPE, IdSet, Keys, as_keys
 from .shard import Shard
 
@@ -140,7 +140,10 @@ def _batch_keys(batch: pa.RecordBatch) -> Keys:
     invalid = ids.filter(is_invalid).to_pylist()
     keys = uuid_keys(uuids)
     if invalid:
-        keys = np.concatenate((keys, as_keys([invalid_key(value) for value in invalid])))
+        # An invalid row's id is either an input value that is no uuid (keyed by its hash, as
+        # the reader keys it) or a canonical uuid the API answered 422 for (keyed by its bytes).
+        extra = [uuid_key(v) if CANONICAL.fullmatch(v) else invalid_key(v) for v in invalid]
+        keys = np.concatenate((keys, as_keys(extra)))
     return keys
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from _csv import Reader
 
 # Canonical form: what the API issues and what the dataset stores.
-_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Forms people paste: any case, with or without hyphens, in braces or as a urn.
 _LENIENT = re.compile(
     r"(?:urn:uuid:)?(\{)?([0-9a-f]{8})-?([0-9a-f]{4})-?([0-9a-f]{4})-?([0-9a-f]{4})-?"
@@ -37,7 +37,7 @@ _FIELD_LIMIT = 16 * 1024 * 1024
 def normalise(raw: str) -> str | None:
     """Canonical lowercase hyphenated uuid for ``raw``, or None when it is not a uuid."""
     value = raw.strip()
-    if _CANONICAL.fullmatch(value):
+    if CANONICAL.fullmatch(value):
         return value
     match = _LENIENT.fullmatch(value)
     if match is None:

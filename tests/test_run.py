@@ -380,3 +380,21 @@ async def test_chaos_accounts_for_every_id_and_reruns_finish(
     rows = read_rows(out)
     assert rows.num_rows == 1500
     assert len(set(rows.column("id").to_pylist())) == 1500
+
+
+async def test_rerun_does_not_poll_ids_the_api_called_invalid(
+    tmp_path: Path, scripted: Callable[[dict[str, list[Reply]]], Any]
+) -> None:
+    """An id the API answered 422 for is done: a rerun neither polls it nor writes it again."""
+    ids = make_ids(6)
+    script = {i: [text(422, "Character counts must be no more than 255")] for i in ids[:3]}
+    script.update({i: [ok(completion())] for i in ids[3:]})
+    server = await scripted(script)
+    path = write_csv(tmp_path / "ids.csv", [*ids, "not-a-uuid"])
+    out = tmp_path / "out"
+    first = await harvest(fast_settings(path, out, base_url(server)))
+    second = await harvest(fast_settings(path, out, base_url(server)))
+    assert first.summary["invalid"] == 4
+    assert second.summary["already_done"] == 7
+    assert second.summary["requests"] == 0
+    assert read_rows(out).num_rows == 7
