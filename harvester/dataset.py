@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .errors import SinkError
 from .ids import CANONICAL, invalid_key, uuid_key
-from .idset import KEY_DTYPE, IdSet, Keys, as_keys
+from .idset import KEY_DTYPE, DoneSet, Keys, as_keys
 from .shard import Shard
 
 META_DIR = "_harvester"
@@ -110,7 +110,7 @@ def open_dataset(root: Path) -> ds.Dataset:
         raise SinkError(f"{root}: cannot open the dataset ({exc})") from exc
 
 
-def load_done(root: Path, shard: Shard | None = None) -> IdSet:
+def load_done(root: Path, shard: Shard | None = None) -> DoneSet:
     """Keys of every id (of ``shard``) that already has a row under ``root``: what to skip.
 
     One file at a time into one preallocated array, then one sort: 10M rows load in about
@@ -130,7 +130,7 @@ def load_done(root: Path, shard: Shard | None = None) -> IdSet:
                 filled += len(chunk)
     except (pa.ArrowException, OSError) as exc:
         raise SinkError(f"{root}: cannot read the existing rows ({exc})") from exc
-    return IdSet.from_array(keys[:filled])
+    return DoneSet.from_array(keys[:filled])
 
 
 def _batch_keys(batch: pa.RecordBatch) -> Keys:

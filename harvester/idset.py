@@ -29,10 +29,10 @@ def as_keys(raw: list[bytes]) -> Keys:
     return np.array(raw, dtype=KEY_DTYPE) if raw else np.empty(0, dtype=KEY_DTYPE)
 
 
-def _search_run(
+def _locate(
     run: Keys, heads: npt.NDArray[np.uint64], query: npt.NDArray[np.uint64], keys: Keys
-) -> Mask:
-    """Membership of ``keys`` (with their heads ``query``) in one sorted run."""
+) -> tuple[npt.NDArray[np.intp], Mask]:
+    """Where each of ``keys`` (with their heads ``query``) is in one sorted run, and whether."""
     last = len(run) - 1
     left = np.searchsorted(heads, query)
     at = np.minimum(left, last)
@@ -41,9 +41,9 @@ def _search_run(
     found: Mask = hit & ~shared & (run[at] == keys)
     several = shared.nonzero()[0]
     if len(several):  # several keys share this head: search the full keys, exactly
-        idx = np.minimum(np.searchsorted(run, keys[several]), last)
-        found[several] = run[idx] == keys[several]
-    return found
+        at[several] = np.minimum(np.searchsorted(run, keys[several]), last)
+        found[several] = run[at[several]] == keys[several]
+    return at, found
 
 
 class IdSet:
@@ -92,7 +92,7 @@ class IdSet:
         order = np.argsort(query)
         query, ordered = query[order], keys[order]
         for run, heads in zip(self._runs, self._heads, strict=True):
-            found[order] |= _search_run(run, heads, query, ordered)
+            found[order] |= _locate(run, heads, query, ordered)[1]
         return found
 
     def add_new(self, keys: Keys) -> Mask:
@@ -122,3 +122,47 @@ class IdSet:
             sorted_run.sort(kind="stable")
         self._runs.append(sorted_run)
         self._heads.append(_heads(sorted_run))
+
+
+class DoneSet(IdSet):
+    """The ids a dataset already holds: one sorted run, plus a byte an id that marks those
+    met in the input, so repeats of done ids are told apart without adding them anywhere."""
+
+    __slots__ = ("_met",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._met = np.zeros(0, dtype=bool)
+
+    @classmethod
+    def from_array(cls, keys: Keys) -> DoneSet:
+        """A done set from ``keys`` (taken over and sorted in place)."""
+        built = cls()
+        built._adopt(IdSet.from_array(keys))
+        return built
+
+    def _adopt(self, other: IdSet) -> None:
+        self._runs, self._heads, self._size = other._runs, other._heads, len(other)
+        self._met = np.zeros(len(other), dtype=bool)
+
+    @property
+    def nbytes(self) -> int:
+        """Keys, heads and the met-in-input marks."""
+        return super().nbytes + self._met.nbytes
+
+    def meet(self, keys: Keys) -> tuple[Mask, Mask]:
+        """Which ``keys`` are done, and which of those are met for the first time."""
+        done = np.zeros(len(keys), dtype=bool)
+        first = np.zeros(len(keys), dtype=bool)
+        if not len(keys) or not self._runs:
+            return done, first
+        query = _heads(keys)
+        order = np.argsort(query)
+        at, found = _locate(self._runs[0], self._heads[0], query[order], keys[order])
+        done[order] = found
+        hits = found.nonzero()[0]
+        slots, firsts = np.unique(at[hits], return_index=True)  # first sighting in the batch
+        fresh = ~self._met[slots]
+        self._met[slots] = True
+        first[order[hits[firsts[fresh]]]] = True
+        return done, first

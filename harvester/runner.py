@@ -24,7 +24,7 @@ from .client import CompletionsClient, make_session
 from .dataset import META_DIR, load_done
 from .errors import InputError
 from .ids import Batch, IdReader
-from .idset import IdSet
+from .idset import DoneSet, IdSet
 from .lease import RunLease, clean_stale_temporaries
 from .limits import ensure_open_files
 from .metrics import RunStats
@@ -97,7 +97,7 @@ class Run:
             self._remove_signals()
             self._lease.release()
 
-    async def _run_prepared(self, batches: Iterator[Batch], total: int, done: IdSet) -> RunResult:
+    async def _run_prepared(self, batches: Iterator[Batch], total: int, done: DoneSet) -> RunResult:
         s = self.settings
         session = self._session or make_session(
             s.token,
@@ -118,7 +118,7 @@ class Run:
                 await session.close()
         return self._finish(time.monotonic() - started)
 
-    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, IdSet]:
+    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
         ensure_open_files(s.concurrency)
@@ -142,7 +142,7 @@ class Run:
         session: aiohttp.ClientSession,
         sink: ParquetSink,
         batches: AsyncIterator[Batch],
-        done: IdSet,
+        done: DoneSet,
         total: int,
     ) -> None:
         s = self.settings
@@ -190,7 +190,7 @@ class Run:
             self.stats.files_written = sink.files_written
 
     async def _run_scheduler(
-        self, scheduler: Scheduler, batches: AsyncIterator[Batch], done: IdSet
+        self, scheduler: Scheduler, batches: AsyncIterator[Batch], done: DoneSet
     ) -> None:
         task = self._task = asyncio.create_task(scheduler.run(batches, IdSet(), done))
         if self._interrupted:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .client import Completion, CompletionsClient, Kind
 from .errors import FatalError, ThrottledError, TransientError
 from .ids import Batch
-from .idset import IdSet
+from .idset import DoneSet, IdSet
 from .metrics import RunStats
 from .shard import WHOLE, Shard
 from .sink import ParquetSink
@@ -95,7 +95,7 @@ class Scheduler:
         """Ids taken from the input and not yet terminal."""
         return self._in_play
 
-    async def run(self, batches: AsyncIterator[Batch], seen: IdSet, done: IdSet) -> None:
+    async def run(self, batches: AsyncIterator[Batch], seen: IdSet, done: DoneSet) -> None:
         """Harvest every new id of ``batches``; returns when all are terminal or stopped."""
         workers = self._workers = [
             asyncio.create_task(self._work()) for _ in range(self._concurrency)
@@ -129,7 +129,7 @@ class Scheduler:
             if task is not current:
                 task.cancel()
 
-    async def _feed_all(self, batches: AsyncIterator[Batch], seen: IdSet, done: IdSet) -> None:
+    async def _feed_all(self, batches: AsyncIterator[Batch], seen: IdSet, done: DoneSet) -> None:
         try:
             await self._feed(batches, seen, done)
         except BaseException:
@@ -138,17 +138,20 @@ class Scheduler:
         self._feeding = False
         self._maybe_finish()
 
-    async def _feed(self, batches: AsyncIterator[Batch], seen: IdSet, done: IdSet) -> None:
+    async def _feed(self, batches: AsyncIterator[Batch], seen: IdSet, done: DoneSet) -> None:
         stats = self._stats
         async for batch in batches:
             if not self._shard.everything:
                 batch = batch.select(self._shard.mask(batch.keys))
-            new = seen.add_new(batch.keys)
-            old = done.contains(batch.keys) & new
-            stats.unique_ids += int(new.sum())
-            stats.duplicates += len(new) - int(new.sum())
-            stats.already_done += int(old.sum())
-            await self._take(batch, (new & ~old).nonzero()[0].tolist())
+            # Done ids are marked in the done set itself; only the others enter ``seen``.
+            is_done, first_done = done.meet(batch.keys)
+            others = (~is_done).nonzero()[0]
+            fresh = others[seen.add_new(batch.keys[others])]
+            already = int(first_done.sum())
+            stats.already_done += already
+            stats.unique_ids += already + len(fresh)
+            stats.duplicates += len(batch.keys) - already - len(fresh)
+            await self._take(batch, fresh.tolist())
 
     async def _take(self, batch: Batch, todo: list[int]) -> None:
         """Admit the batch's new ids; those never admitted (a stop, an abort) are unresolved."""

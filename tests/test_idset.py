@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harvester.idset import KEY_DTYPE, IdSet, as_keys
+from harvester.idset import KEY_DTYPE, DoneSet, IdSet, as_keys
 
 
 def key(n: int) -> bytes:
@@ -163,3 +163,27 @@ def test_add_new_matches_set_oracle_with_collisions(batches: list[list[bytes]]) 
         assert ids.nbytes == 24 * len(oracle)
     universe = [bytes([a]) + bytes(14) + bytes([b]) for a in range(4) for b in (0, 1, 255)]
     assert ids.contains(as_keys(universe)).tolist() == [u in oracle for u in universe]
+
+
+def test_done_set_meet_tells_first_sightings_from_repeats() -> None:
+    """meet(): done keys are found, each counted fresh once across batches; others are not."""
+    rng = random.Random(3)
+    done_keys = [rng.randbytes(16) for _ in range(2000)]
+    # Keys sharing their first 8 bytes, to walk the exact path too.
+    done_keys += [b"\x07" * 8 + rng.randbytes(8) for _ in range(50)]
+    done = DoneSet.from_array(as_keys(done_keys))
+    others = [rng.randbytes(16) for _ in range(500)]
+    stream = done_keys[:1500] + others + done_keys[1000:] + done_keys[:10]
+    rng.shuffle(stream)
+    fresh_total = 0
+    done_total = 0
+    for start in range(0, len(stream), 333):
+        batch = stream[start : start + 333]
+        is_done, first = done.meet(as_keys(batch))
+        assert [k in set(done_keys) for k in batch] == is_done.tolist()
+        assert not (first & ~is_done).any()
+        fresh_total += int(first.sum())
+        done_total += int(is_done.sum())
+    assert fresh_total == len(set(done_keys))
+    assert done_total == len(stream) - len(others)
+    assert done.nbytes == 25 * len(done)
