@@ -119,10 +119,29 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 2)
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured, and whether harvester/ had uncommitted changes then."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "harvester")),
+    }
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     """Write a small JSON result (committed when the README cites it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, **payload}
+    payload = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "code": code_state(),
+        **payload,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
