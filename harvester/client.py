@@ -10,6 +10,7 @@ import email.utils
 import enum
 import time
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from yarl import URL
 from .errors import (
     BadResponseError,
     FatalApiError,
+    FatalError,
     ServerError,
     ThrottledError,
     TlsError,
@@ -29,6 +31,7 @@ from .errors import (
 COMPLETION_STRINGS = ("model", "query", "html", "prompt", "completion", "sources", "ads")
 TARGETING_FIELDS = ("device", "country", "subdivision", "city")
 KNOWN_FIELDS = frozenset((*COMPLETION_STRINGS, "fanouts", *TARGETING_FIELDS))
+EXTRA_KEY = "\x00extra"  # where validate_completion leaves the extras' JSON for the sink
 PENDING_STATUSES = frozenset(("retrieving", "archiving"))  # archiving: the newer API's step
 _FATAL_HINTS = {
     401: "the API got no token: set MASSIVE_API_TOKEN (or --token-file)",
@@ -112,7 +115,12 @@ class CompletionsClient:
             raise TransportError("client_error", type(exc).__name__) from exc
         finally:
             self.last_latency = self._clock() - started
-        return self._interpret(status, headers, body)
+        try:
+            return self._interpret(status, headers, body)
+        except (TransientError, FatalError):
+            raise
+        except Exception as exc:
+            raise BadResponseError("bad_answer", f"unusable answer ({type(exc).__name__})") from exc
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         length = resp.content_length
@@ -191,7 +199,20 @@ def validate_completion(doc: dict[str, Any]) -> Completion:
         value = doc.get(name)
         if value is not None and not isinstance(value, str):
             raise BadResponseError("bad_shape", f"field {name!r} is not a string or null")
+    doc[EXTRA_KEY] = extras_json(doc)
     return doc
+
+
+def extras_json(doc: dict[str, Any]) -> str | None:
+    """Fields beyond the spec as one JSON object (None when there are none), made here so
+    that one the sink cannot store is a bad answer to retry, not a crash at write time."""
+    extras = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
+    if not extras:
+        return None
+    try:
+        return orjson.dumps(extras).decode()
+    except TypeError as exc:  # nested past orjson's depth limit, say
+        raise BadResponseError("bad_shape", "fields beyond the spec cannot be stored") from exc
 
 
 def _loads(body: bytes) -> dict[str, Any]:
@@ -213,9 +234,11 @@ def parse_retry_after(value: str | None, cap: float) -> float | None:
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            if when.tzinfo is None:  # "-0000" parses naive: HTTP dates are always GMT
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
             return None
-        seconds = when.timestamp() - time.time()
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), cap)

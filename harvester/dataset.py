@@ -9,6 +9,7 @@ Names starting with ``_`` or ``.`` hold metadata or files being written; readers
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -63,6 +64,7 @@ def _encode(value: str) -> str:
     return quote(value, safe="", errors="surrogatepass").replace("~", "%7E")
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of models, one call a row
 def partition_value(value: str | None) -> str:
     """One path segment's value for ``value``: URI-encoded, length-capped, never a path."""
     if value is None:
@@ -74,7 +76,19 @@ def partition_value(value: str | None) -> str:
     # Too long, empty, or the null marker itself: a prefix plus a digest keeps it unique and
     # short; the sink keeps the full value in the row's ``extra`` column.
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{_encode(value[:24])[:60]}~{digest}"
+    return f"{_encoded_prefix(value, 60)}~{digest}"
+
+
+def _encoded_prefix(value: str, limit: int) -> str:
+    """The encoding of the longest prefix of whole characters that fits in ``limit`` bytes:
+    cutting the encoded text could split a %XX escape or a UTF-8 sequence, which readers
+    then refuse for the whole dataset."""
+    prefix = ""
+    for char in value[:limit]:
+        if len(_encode(prefix + char)) > limit:
+            break
+        prefix += char
+    return _encode(prefix)
 
 
 def is_lossless(value: str | None) -> bool:

@@ -8,6 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .errors import UsageError
 from .runner import harvest
 from .settings import RunSettings
 from .simulator import Simulator
@@ -27,10 +28,20 @@ def write_demo_ids(path: Path, count: int, *, seed: int = DEMO_SEED) -> None:
             handle.write(f"{uuid.UUID(int=rng.getrandbits(128), version=4)}\n")
 
 
+DEMO_MARK = "_harvester/demo"  # marks a directory the demo made, so it may replace it
+
+
 def _fresh_start(out: Path, ids_path: Path, count: int) -> None:
-    """The demo always starts from scratch: a new ids file and no old dataset."""
+    """The demo starts from scratch, but never deletes a directory it did not make."""
     if out.exists():
+        if any(out.iterdir()) and not (out / DEMO_MARK).exists():
+            raise UsageError(
+                f"--out {out} exists and was not made by the demo; give another --out "
+                "(the demo replaces its own output each time)"
+            )
         shutil.rmtree(out)
+    (out / DEMO_MARK).parent.mkdir(parents=True)
+    (out / DEMO_MARK).touch()
     write_demo_ids(ids_path, count)
 
 

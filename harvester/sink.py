@@ -24,7 +24,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .client import KNOWN_FIELDS, Completion
+from .client import EXTRA_KEY, Completion, extras_json
 from .dataset import FILE_SCHEMA, fsync_dir, is_lossless, partition_dir
 from .errors import SinkError
 
@@ -72,7 +72,7 @@ class ParquetSink:
         *,
         run_id: str,
         flush_rows: int = 50_000,
-        flush_bytes: int = 64 * 1024 * 1024,
+        flush_bytes: int = 32 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
@@ -89,11 +89,6 @@ class ParquetSink:
         self._day = (-1, "")
         self.rows_written = 0
         self.files_written = 0
-
-    @property
-    def pending_rows(self) -> int:
-        """Rows buffered and not yet committed."""
-        return self._rows
 
     def full(self) -> bool:
         """True once the buffer should be committed."""
@@ -132,16 +127,27 @@ class ParquetSink:
                 await asyncio.wait_for(self._full.wait(), interval)
             await self.flush()
 
-    async def flush(self) -> None:
-        """Commit everything buffered so far; the encoding runs in a worker thread."""
+    async def flush(self, *, only_if_full: bool = False) -> None:
+        """Commit everything buffered so far; the encoding runs in a worker thread.
+
+        ``only_if_full``: a producer waiting for back-pressure skips the flush if another one
+        emptied the buffer meanwhile, rather than committing a file of a few rows.
+        """
         async with self._lock:
-            if not self._rows:
+            if not self._rows or (only_if_full and not self.full()):
                 return
             self._full.clear()
             parts, self._parts = self._parts, {}
             self._rows, self._bytes = 0, 0
             seq, self._seq = self._seq, self._seq + len(parts)
-            await asyncio.to_thread(self._write_all, parts, seq)
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_all, parts, seq))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # These rows have left the buffer: their commit must land (or fail loudly)
+                # before anyone releases the lease or reads the dataset.
+                await write
+                raise
 
     def _columns(self, day: str, model: str | None) -> _Columns:
         key = (day, model)
@@ -166,11 +172,16 @@ class ParquetSink:
         for name in _TARGETING:
             cols.texts[name].append(doc.get(name))
         cols.fanouts.append(doc["fanouts"])
-        extras = {k: v for k, v in doc.items() if k not in KNOWN_FIELDS}
+        # validate_completion has made it already; a caller that skipped it gets it made here.
+        extra: str | None = doc[EXTRA_KEY] if EXTRA_KEY in doc else extras_json(doc)
         if not is_lossless(doc["model"]):
-            extras["model"] = doc["model"]  # the path holds a shortened value; keep the whole
-        cols.extra.append(orjson.dumps(extras).decode() if extras else None)
-        return size
+            # The path holds a shortened value: keep the whole one in ``extra``.
+            merged = orjson.loads(extra) if extra else {}
+            merged["model"] = doc["model"]
+            extra = orjson.dumps(merged).decode()
+        cols.extra.append(extra)
+        fanouts = doc["fanouts"]
+        return size + (len(extra) if extra else 0) + sum(map(getsizeof, fanouts))
 
     def _write_all(self, parts: dict[tuple[str, str | None], _Columns], seq: int) -> None:
         for offset, ((day, model), cols) in enumerate(parts.items()):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from harvester.client import (
     COMPLETION_STRINGS,
+    EXTRA_KEY,
     CompletionsClient,
     Kind,
     make_session,
@@ -99,7 +100,7 @@ def test_parse_ok_completion() -> None:
     """A JSON Completion is COMPLETED with the document as it came."""
     kind, doc = parse_ok(JSON, body(completion()))
     assert kind is Kind.COMPLETED
-    assert doc == completion()
+    assert doc == {**completion(), EXTRA_KEY: None}  # no fields beyond the spec
 
 
 def test_parse_ok_content_type_with_charset() -> None:
@@ -397,7 +398,7 @@ async def test_client_200_completion() -> None:
     async with api(answer(200, body(completion()), {"Content-Type": JSON})) as client:
         kind, doc = await client.poll(ID)
     assert kind is Kind.COMPLETED
-    assert doc == completion()
+    assert doc == {**completion(), EXTRA_KEY: None}
 
 
 async def test_client_200_html_is_bad_response() -> None:
@@ -581,7 +582,7 @@ async def test_client_chunked_under_cap_is_read() -> None:
         return response
 
     async with api(handle) as client:
-        assert await client.poll(ID) == (Kind.COMPLETED, completion())
+        assert await client.poll(ID) == (Kind.COMPLETED, {**completion(), EXTRA_KEY: None})
 
 
 async def test_client_too_large_when_compressed() -> None:
@@ -673,3 +674,40 @@ async def test_client_read_timeout() -> None:
         finally:
             release.set()
     assert info.value.kind == "timeout"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",  # overflows datetime
+        "Tue, 31 Feb 2026 00:00:00 GMT",
+        "not a date at all",
+    ],
+)
+def test_retry_after_hostile_dates_are_ignored(value: str) -> None:
+    """A Retry-After no calendar can hold is ignored, never a crash."""
+    assert parse_retry_after(value, 300.0) is None
+
+
+def test_retry_after_minus_zero_zone_is_gmt() -> None:
+    """An HTTP date with a '-0000' zone means GMT, not the machine's local time."""
+    when = time.time() + 30
+    value = time.strftime("%a, %d %b %Y %H:%M:%S -0000", time.gmtime(when))
+    wait = parse_retry_after(value, 300.0)
+    assert wait is not None
+    assert 25 < wait <= 31
+
+
+def test_extras_nested_too_deep_are_a_bad_answer() -> None:
+    """A field nested past what can be stored is retried as bad_shape, not a crash at write."""
+    nested = b"[" * 400 + b'"x"' + b"]" * 400  # orjson reads 1024 levels, writes 254
+    raw = body(completion())[:-1] + b', "deep": ' + nested + b"}"
+    with bad("bad_shape"):
+        parse_ok(JSON, raw)
+
+
+def test_extras_are_kept_as_json() -> None:
+    """Fields beyond the spec travel to the sink as one JSON object."""
+    _, doc = parse_ok(JSON, body({**completion(), "new_field": {"a": 1}}))
+    assert doc is not None
+    assert orjson.loads(doc[EXTRA_KEY]) == {"new_field": {"a": 1}}

@@ -398,3 +398,70 @@ async def test_rerun_does_not_poll_ids_the_api_called_invalid(
     assert second.summary["already_done"] == 7
     assert second.summary["requests"] == 0
     assert read_rows(out).num_rows == 7
+
+
+async def test_resume_on_a_dataset_built_elsewhere(tmp_path: Path, sim_factory: SimFactory) -> None:
+    """A DIR written by another tool in the documented layout is resumed: only new ids polled."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from harvester.dataset import FILE_SCHEMA, partition_dir
+
+    old = make_ids(3000, seed=40)
+    new = make_ids(120, seed=41)
+    out = tmp_path / "out"
+    for part, model in enumerate(["chatgpt", "gemini", None]):
+        chunk = old[part * 1000 : (part + 1) * 1000]
+        status = "failed" if model is None else "completed"
+        columns = {name: pa.nulls(len(chunk), field.type) for name, field in zip(
+            FILE_SCHEMA.names, FILE_SCHEMA, strict=True)}  # fmt: skip
+        columns.update(
+            id=pa.array(chunk),
+            status=pa.array([status] * len(chunk)),
+            polls=pa.array([1] * len(chunk), pa.int32()),
+            harvested_at=pa.array([0] * len(chunk), pa.timestamp("us", tz="UTC")),
+        )
+        directory = partition_dir(out, "2026-01-01", model)
+        directory.mkdir(parents=True)
+        pq.write_table(pa.table(columns, schema=FILE_SCHEMA), directory / f"part-x-{part}.parquet")
+    path = write_csv(tmp_path / "ids.csv", [*old, *new])
+    async with sim_factory(profile="instant") as sim:
+        result = await harvest(fast_settings(path, out, sim.base_url))
+        served = sim.stats.requests
+    assert result.exit_code == EXIT_OK
+    assert result.summary["already_done"] == 3000
+    assert served == 120
+    ids = read_rows(out).column("id").to_pylist()
+    assert sorted(ids) == sorted([*old, *new])
+
+
+async def test_long_non_ascii_models_keep_the_dataset_readable(
+    tmp_path: Path, scripted: Callable[[dict[str, list[Reply]]], Any]
+) -> None:
+    """A long emoji or CJK model is shortened on whole characters: every reader still works."""
+    models = ["a" + "😀" * 30, "漢" * 40, "é" * 100]
+    ids = make_ids(len(models))
+    server = await scripted({i: [ok(completion(m))] for i, m in zip(ids, models, strict=True)})
+    out = tmp_path / "out"
+    result = await harvest(
+        fast_settings(write_csv(tmp_path / "ids.csv", ids), out, base_url(server))
+    )
+    assert result.exit_code == EXIT_OK
+    assert read_hive(out).num_rows == 3
+    relation = duckdb.sql(
+        f"SELECT extra FROM read_parquet('{out}/**/*.parquet', hive_partitioning=true)"
+    )
+    assert relation is not None
+    extras = sorted(orjson.loads(e)["model"] for (e,) in relation.fetchall())
+    assert extras == sorted(models)
+
+
+def test_demo_never_deletes_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    """harvester demo --out on someone's data refuses (exit 2) and leaves it as it was."""
+    from harvester.cli import main
+
+    precious = tmp_path / "completions"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    assert main(["demo", "--ids", "10", "--out", str(precious), "--no-progress"]) == 2
+    assert (precious / "keep.txt").read_text() == "mine"
