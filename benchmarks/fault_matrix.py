@@ -23,7 +23,7 @@ from harvester.runner import harvest
 from harvester.settings import RunSettings
 from harvester.simulator import PROFILES, Simulator, expected_completion
 
-from ._common import save
+from ._common import free_port, save
 
 TOKEN = "fault-matrix-token"
 SEED = 11
@@ -38,6 +38,7 @@ class Case:
     profile: dict[str, Any]
     error_kinds: frozenset[str]
     settings: dict[str, Any] = field(default_factory=dict)
+    down_s: float = 0.0  # the server starts listening only this long after the run starts
 
 
 CASES: dict[str, Case] = {
@@ -74,6 +75,9 @@ CASES: dict[str, Case] = {
     "202 with an unknown status": Case(
         {"unknown_status_rate": FAULT_RATE}, frozenset({"unknown_status"})
     ),
+    "connection refused (server down 1 s)": Case(
+        {}, frozenset({"connect_error"}), {"max_retries": 20, "backoff_max": 0.2}, down_s=1.0
+    ),
 }
 
 
@@ -90,14 +94,17 @@ async def run_case(name: str, workdir: Path, count: int = 200) -> dict[str, Any]
     ids_path = workdir / "ids.csv"
     ids_path.write_text("id\n" + "\n".join(ids) + "\n")
     out = workdir / "out"
-    async with Simulator(token=TOKEN, profile=profile, seed=SEED, time_scale=0.01) as sim:
-        base = RunSettings(
-            ids_path=ids_path, out_dir=out, token=TOKEN, base_url=sim.base_url, rate=2000,
-            concurrency=32, poll_interval=0.02, max_poll_interval=0.1, max_wait=60.0,
-            max_retries=12, backoff_base=0.01, backoff_max=0.1, flush_interval=0.5,
-            progress=False,
-        )  # fmt: skip
-        result = await harvest(dataclasses.replace(base, **case.settings))
+    port = free_port()
+    base = RunSettings(
+        ids_path=ids_path, out_dir=out, token=TOKEN, base_url=f"http://127.0.0.1:{port}",
+        rate=2000, concurrency=32, poll_interval=0.02, max_poll_interval=0.1, max_wait=60.0,
+        max_retries=12, backoff_base=0.01, backoff_max=0.1, flush_interval=0.5, progress=False,
+    )  # fmt: skip
+    sim = Simulator(token=TOKEN, profile=profile, seed=SEED, time_scale=0.01, port=port)
+    run = asyncio.create_task(harvest(dataclasses.replace(base, **case.settings)))
+    await asyncio.sleep(case.down_s)  # nothing listens yet: connections are refused
+    async with sim:
+        result = await run
     return _row(name, result.summary, out, ids, profile)
 
 

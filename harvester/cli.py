@@ -189,6 +189,8 @@ def read_token(token_file: Path | None) -> str:
     if token_file is not None:
         try:
             return token_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UsageError(f"--token-file {token_file}: not UTF-8 text") from None
         except OSError as exc:
             raise UsageError(f"--token-file {token_file}: cannot read it ({exc.strerror})") from exc
     return os.environ.get(TOKEN_ENV, "").strip()

@@ -138,7 +138,7 @@ def clean_stale_temporaries(root: Path) -> int:
         marker = locks / f"run-{run_id}.lock"
         if marker.exists() and not _remove_if_dead(marker):
             continue  # that run is alive and writing this file right now
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
             os.unlink(tmp)
             removed += 1
     for marker in locks.glob("run-*.lock"):
@@ -152,7 +152,8 @@ def _remove_if_dead(marker: Path) -> bool:
     if handle is None:
         return False
     try:
-        marker.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            marker.unlink(missing_ok=True)
     finally:
         handle.close()
     return True

@@ -22,7 +22,7 @@ import orjson
 
 from .client import CompletionsClient, make_session
 from .dataset import META_DIR, load_done
-from .errors import InputError
+from .errors import InputError, SinkError
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
 from .lease import RunLease, clean_stale_temporaries
@@ -174,6 +174,7 @@ class Run:
         interval = 0.0 if s.worker_stats else s.log_interval
         progress = Progress(self.stats, total=total, enabled=s.progress, interval=interval)
         flusher = asyncio.create_task(sink.commit_periodically(s.flush_interval))
+        flusher.add_done_callback(self._on_flusher_done)
         reporter = asyncio.create_task(self._report_counters()) if s.worker_stats else None
         try:
             with progress:
@@ -245,6 +246,12 @@ class Run:
             log.warning("%s again: stopping now; committed rows are kept", sig.name)
             self._cancel_scheduler()
 
+    def _on_flusher_done(self, task: asyncio.Task[None]) -> None:
+        """A commit failed (disk full, say): stop now rather than harvest what cannot be kept."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("committing rows failed: %s; stopping", task.exception())
+            self._cancel_scheduler()
+
     def _cancel_scheduler(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -287,10 +294,13 @@ def in_play_cap(s: RunSettings) -> int:
 def save_report(root: Path, run_id: str, summary: dict[str, Any], kind: str = "runs") -> None:
     """Keep the run's report beside the data, in a metadata path readers skip."""
     directory = root / META_DIR / kind
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{run_id}.json.tmp"
-    tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    tmp.replace(directory / f"{run_id}.json")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        tmp.replace(directory / f"{run_id}.json")
+    except OSError as exc:
+        raise SinkError(f"cannot save the run report in {directory} ({exc.strerror})") from exc
 
 
 async def harvest(

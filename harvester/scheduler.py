@@ -219,7 +219,8 @@ class Scheduler:
         """429/503: the whole client waits and slows down; the id is not to blame."""
         self._stats.throttled += 1
         self._stats.errors[exc.kind] += 1
-        self._pacer.throttled(exc.retry_after or DEFAULT_THROTTLE_WAIT)
+        wait = DEFAULT_THROTTLE_WAIT if exc.retry_after is None else exc.retry_after
+        self._pacer.throttled(wait)
         self._retry_later(entry, 0.0)
 
     def _on_transient(self, entry: _Entry, exc: TransientError) -> None:
@@ -236,8 +237,11 @@ class Scheduler:
         if kind is Kind.RETRIEVING:
             self._retry_later(entry, self._policy.next_poll(entry.polls))
             return
-        await self._record(entry.id, kind.value, doc, entry.polls)
+        # Noted and released before any wait: a cancel during back-pressure cannot count the
+        # id twice (as done here and as unresolved in play).
+        self._note(entry.id, kind.value, doc, entry.polls)
         self._release()
+        await self._backpressure()
 
     def _retry_later(self, entry: _Entry, delay: float) -> None:
         """Poll ``entry`` again after ``delay``, but never past its deadline."""
@@ -265,12 +269,6 @@ class Scheduler:
         if not self._feeding and self._in_play == 0 and not self._stopping:
             self.stop()
 
-    async def _record(
-        self, conversation_id: str, status: str, doc: Completion | None, polls: int
-    ) -> None:
-        self._note(conversation_id, status, doc, polls)
-        await self._backpressure()
-
     def _note(self, conversation_id: str, status: str, doc: Completion | None, polls: int) -> None:
         """Count a terminal outcome and buffer its row (committed by the sink's next flush)."""
         stats = self._stats
@@ -284,4 +282,4 @@ class Scheduler:
 
     async def _backpressure(self) -> None:
         if self._sink.overfull():
-            await self._sink.flush()  # memory stays bounded
+            await self._sink.flush(only_if_full=True)  # memory stays bounded

@@ -38,7 +38,7 @@ class RunSettings:
     out_dir: Path
     token: str = field(repr=False)  # never shown: not in repr, logs or reports
     base_url: str = DEFAULT_BASE_URL
-    rate: float = 50.0
+    rate: float = 100.0
     concurrency: int = 64
     max_in_play: int = 5000
     max_wait: float = 600.0
@@ -65,6 +65,10 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _require(bool(self.token), "no API token: set MASSIVE_API_TOKEN or pass --token-file")
+        _require(
+            self.token.isprintable() and not any(c.isspace() for c in self.token),
+            "the API token has spaces or control characters; check MASSIVE_API_TOKEN",
+        )
         _require(
             0 < self.rate <= MAX_RATE, f"--rate must be > 0 and <= {MAX_RATE:.0f} (got {self.rate})"
         )

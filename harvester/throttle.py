@@ -116,11 +116,6 @@ class Pacer:
         """Hold every request for ``seconds`` from now (Retry-After applies to the whole client)."""
         self._paused_until = max(self._paused_until, self._loop.time() + seconds)
 
-    @property
-    def paused_for(self) -> float:
-        """Seconds left in the current pause (0 when not paused)."""
-        return max(0.0, self._paused_until - self._loop.time())
-
     async def acquire(self) -> None:
         """Wait until one more request may be sent now."""
         await self._wait_pause()

@@ -45,6 +45,14 @@ _SUMMED = (
 )  # fmt: skip
 
 
+def _check_input(settings: RunSettings) -> int:
+    """Fail on a bad ids file before starting any child; return the ETA's line count."""
+    reader = IdReader(settings.ids_path, id_column=settings.id_column)
+    reader.open()
+    reader.close()
+    return max(1, round(reader.count_lines() / settings.shard.count))
+
+
 def worst(codes: list[int]) -> int:
     """The exit code that matters most among the workers'.
 
@@ -99,14 +107,21 @@ class WorkerPool:
         """Run every worker to its end and return the merged result."""
         started = time.monotonic()
         s = self._settings
-        total = await asyncio.to_thread(IdReader(s.ids_path, id_column=s.id_column).count_lines)
+        total = await asyncio.to_thread(_check_input, s)
         shards = s.shard.split(self._workers)
         self._forward_signals()  # before the first child starts, so none is ever orphaned
         for shard in shards:
             args = child_argv(self._argv, shard, s, self._workers)
             self._procs.append(
                 await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "harvester", *args, stdout=asyncio.subprocess.PIPE
+                    sys.executable,
+                    "-m",
+                    "harvester",
+                    *args,
+                    stdout=asyncio.subprocess.PIPE,
+                    # Its own session: a terminal's Ctrl-C reaches only the parent, which
+                    # forwards it once (twice would mean "stop at once" to each child).
+                    start_new_session=True,
                 )
             )
         progress = Progress(self._stats, total=total, enabled=s.progress, interval=s.log_interval)
