@@ -152,6 +152,8 @@ class Scheduler:
             stats.unique_ids += already + len(fresh)
             stats.duplicates += len(batch.keys) - already - len(fresh)
             await self._take(batch, fresh.tolist())
+            if self._stopping:
+                return  # read no further: ids not read are simply not part of this run
 
     async def _take(self, batch: Batch, todo: list[int]) -> None:
         """Admit the batch's new ids; those never admitted (a stop, an abort) are unresolved."""

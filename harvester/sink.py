@@ -192,7 +192,11 @@ class ParquetSink:
         tmp = directory / f".{name}.tmp"
         try:
             table = cols.table()
-            directory.mkdir(parents=True, exist_ok=True)
+            created = not directory.exists()
+            directory.mkdir(parents=True, exist_ok=True)  # other shards may make it too
+            if created:  # a new partition folder must survive a power cut with its file
+                fsync_dir(directory.parent)
+                fsync_dir(directory.parent.parent)
             with tmp.open("wb") as handle:
                 pq.write_table(
                     table, handle, compression="zstd", row_group_size=max(1, table.num_rows)
