@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -45,6 +46,22 @@ def _fresh_start(out: Path, ids_path: Path, count: int) -> None:
     write_demo_ids(ids_path, count)
 
 
+def look_at(out: Path) -> str:
+    """One-liners to look at the data, with what ``pip install .`` installed (pyarrow), and
+    with DuckDB for those who have it."""
+    python = sys.executable
+    pyarrow_line = (
+        f'{python} -c "import pyarrow.dataset as ds; '
+        f"t = ds.dataset('{out}', partitioning='hive').to_table(); "
+        "print(t.group_by(['model', 'status']).aggregate([('id', 'count')]).to_pylist())\""
+    )
+    duckdb_line = (
+        f'duckdb -c "SELECT model, status, count(*) FROM '
+        f"read_parquet('{out}/**/*.parquet', hive_partitioning=true) GROUP BY ALL ORDER BY ALL\""
+    )
+    return f"\nLook at the data:\n  {pyarrow_line}\n  {duckdb_line}   # with the DuckDB CLI"
+
+
 async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
     """Serve the realistic profile time-compressed, harvest ``count`` ids into ``out``."""
     from .cli import format_summary
@@ -71,10 +88,5 @@ async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
         )
         result = await harvest(settings)
     print(format_summary(result.summary))
-    print(
-        "\nLook at the data:\n"
-        f'  python -c "import duckdb; print(duckdb.sql(\\"SELECT model, status, count(*) '
-        f"FROM read_parquet('{out}/**/*.parquet', hive_partitioning=true) GROUP BY ALL "
-        f'ORDER BY ALL\\"))"'
-    )
+    print(look_at(out))
     return result.exit_code

@@ -57,8 +57,9 @@ class Progress:
         """One line of status, for logs."""
         s = self._stats
         done = s.finished + s.already_done
+        total = max(self._total, s.unique_ids, done)
         return (
-            f"ids {done}/{max(s.unique_ids, done)} (completed {s.completed}, failed {s.failed}, "
+            f"ids {done}/{total} (completed {s.completed}, failed {s.failed}, "
             f"invalid {s.invalid}, unresolved {s.unresolved}, skipped {s.already_done}) "
             f"requests {s.requests} ({self._rate(s.requests):.0f}/s) in flight {s.in_flight}"
         )
