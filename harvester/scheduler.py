@@ -88,6 +88,7 @@ class Scheduler:
         self._feeding = True
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None]] = set()  # workers inside a request
         self.fatal: FatalError | None = None
 
     @property
@@ -102,7 +103,10 @@ class Scheduler:
         ]
         feeder = asyncio.create_task(self._feed_all(batches, seen, done))
         try:
-            await asyncio.gather(*workers)
+            # Idle workers are cancelled by stop(); only real failures are raised here.
+            for outcome in await asyncio.gather(*workers, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    raise outcome
             if feeder.done() and not feeder.cancelled() and feeder.exception():
                 raise feeder.exception()  # type: ignore[misc]
         finally:
@@ -118,6 +122,11 @@ class Scheduler:
         self._feeding = False
         for _ in range(self._concurrency):
             self._ready.put_nowait(None)
+        # Workers not in a request (waiting for an id, or out a Retry-After pause that may
+        # last minutes) stop now; those in a request finish it, within the grace period.
+        for task in self._workers:
+            if task not in self._busy:
+                task.cancel()
 
     def _abort(self, exc: FatalError) -> None:
         """401/402/403 or TLS: nothing can succeed any more; stop now, not after in-flight ones."""
@@ -180,13 +189,19 @@ class Scheduler:
         self._ready.put_nowait(_Entry(conversation_id))
 
     async def _work(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while (entry := await self._ready.get()) is not None:
             if self._stopping:
                 return
             await self._pacer.acquire()
             if self._stopping:
                 return
-            await self._poll(entry)
+            self._busy.add(me)
+            try:
+                await self._poll(entry)
+            finally:
+                self._busy.discard(me)
 
     async def _poll(self, entry: _Entry) -> None:
         stats = self._stats

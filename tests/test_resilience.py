@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -105,3 +106,33 @@ async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "out").num_rows == count
     print(f"10k in flight: {s['elapsed_s']} s, peak RSS {s['peak_rss_mb']} MiB, "
           f"server peak in flight {server['peak_in_flight']}")  # fmt: skip
+
+
+def test_sigterm_during_a_long_retry_after_pause_stops_at_once(tmp_path: Path) -> None:
+    """Workers waiting out a 120 s Retry-After stop on SIGTERM now, not after the 10 s grace."""
+    import dataclasses
+    import signal
+
+    from .conftest import ThreadedSimulator
+
+    profile = dataclasses.replace(
+        PROFILES["instant"], name="throttling", throttle_429_rate=0.9, retry_after_s=(120, 120)
+    )
+    path = write_csv(tmp_path / "ids.csv", make_ids(50))
+    with ThreadedSimulator(profile=profile) as sim:
+        env = {**os.environ, "MASSIVE_API_TOKEN": TOKEN}
+        out_dir = str(tmp_path / "out")
+        cmd = [sys.executable, "-m", "harvester", "run", "--ids", str(path), "--out", out_dir,
+               "--base-url", sim.base_url, "--no-progress", "--json"]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while sim.stats()["by_status"].get("429", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the client is paused by a 429
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    assert proc.returncode == 130
+    assert took < 5  # not the 10 s grace, let alone the 120 s pause
+    assert json.loads(out)["exit_code"] == 130
