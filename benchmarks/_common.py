@@ -31,7 +31,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def simulator(
-    profile: str = "instant", time_scale: float = 1.0, capacity: float = 0.0
+    profile: str = "instant",
+    time_scale: float = 1.0,
+    capacity: float = 0.0,
+    *extra: str,
+    token: str = TOKEN,
 ) -> Iterator[str]:
     """``harvester serve`` in its own process (its own core); yields its base URL."""
     port = free_port()
@@ -43,13 +47,14 @@ def simulator(
         "--port",
         str(port),
         "--token",
-        TOKEN,
+        token,
         "--profile",
         profile,
         "--time-scale",
         str(time_scale),
         "--capacity",
         str(capacity),
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

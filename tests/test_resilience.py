@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks._common import free_port, simulator
 from harvester.runner import EXIT_OK, harvest
 from harvester.simulator import PROFILES, Simulator
 
 from .conftest import TOKEN, fast_settings, make_ids, read_rows, write_csv
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_run_survives_a_server_restart(tmp_path: Path) -> None:
@@ -63,26 +55,6 @@ def server_stats(url: str) -> dict[str, int]:
         return dict(json.load(resp))
 
 
-@contextlib.contextmanager
-def serve_subprocess(*args: str) -> Iterator[str]:
-    """``harvester serve`` in its own process; yields its base URL."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "harvester", "serve", "--port", str(port), "--token", TOKEN, *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{url}/_sim/stats", timeout=1).read()
-                break
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 @pytest.mark.slow
 async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
     """10,000 concurrent requests to a slow server complete with every id accounted for."""
@@ -91,7 +63,7 @@ async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "ids.csv", ids)
     # 5 s per answer: long enough that all 10k connections are open before the first
     # answers, even on a loaded machine, so the peak really is thousands.
-    with serve_subprocess("--profile", "instant", "--latency", "5") as url:
+    with simulator("instant", 1.0, 0.0, "--latency", "5", token=TOKEN) as url:
         settings = fast_settings(
             path, tmp_path / "out", url, concurrency=count, max_in_play=count, rate=50_000,
             request_timeout=60.0,
