@@ -228,6 +228,10 @@ class Run:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         """First signal: stop polling, let in-flight requests end (bounded). Second: now."""
+        if self._task is not None and self._task.done():
+            # Every id is already terminal: only the final commit is left, and it is short.
+            log.warning("%s: all ids are done; finishing the last commit", sig.name)
+            return
         self._interrupted += 1
         if self._scheduler is None:
             log.warning("%s: stopping before the first request", sig.name)

@@ -108,3 +108,19 @@ def test_sigterm_during_a_long_retry_after_pause_stops_at_once(tmp_path: Path) -
     assert proc.returncode == 130
     assert took < 5  # not the 10 s grace, let alone the 120 s pause
     assert json.loads(out)["exit_code"] == 130
+
+
+async def test_a_signal_after_every_id_is_done_does_not_mark_the_run_interrupted(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM during the final commit, with every id terminal, leaves the exit code alone."""
+    import signal
+
+    from harvester.runner import Run
+
+    run = Run(fast_settings(tmp_path / "ids.csv", tmp_path / "out", "http://127.0.0.1:9"), None)
+    finished = asyncio.get_running_loop().create_future()
+    finished.set_result(None)
+    run._task = finished  # type: ignore[assignment]  # the scheduler has returned
+    run._on_signal(signal.SIGTERM)
+    assert run._interrupted == 0
