@@ -39,10 +39,8 @@ from .sink import new_run_id
 # The worst outcome decides the merged exit code.
 _SEVERITY = [EXIT_AUTH, EXIT_OUTPUT, EXIT_USAGE]
 _MILD = [EXIT_INTERRUPTED, EXIT_UNRESOLVED, EXIT_OK]
-_SUMMED = (
-    "unique_ids", "already_done", "completed", "failed", "invalid", "unresolved", "duplicates",
-    "requests", "retries", "throttled", "rows_written", "files_written",
-)  # fmt: skip
+# The counters a child reports, summed across workers (in flight is a live figure, not a total).
+_SUMMED = tuple(name for name in RunStats().counters() if name != "in_flight")
 
 
 def _check_input(settings: RunSettings) -> int:
