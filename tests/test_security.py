@@ -129,7 +129,8 @@ async def test_token_appears_nowhere(
         settings = fast_settings(path, out, sim.base_url, max_retries=3)
         ok = await harvest(settings)
     async with Simulator(token="another-token", profile="instant") as sim:
-        denied = await harvest(fast_settings(path, out, sim.base_url))
+        # A DIR of its own: in the first one every id may already be done, and no request made.
+        denied = await harvest(fast_settings(path, tmp_path / "denied", sim.base_url))
     assert denied.exit_code == EXIT_AUTH
     captured = capsys.readouterr()
     texts = [
@@ -143,7 +144,7 @@ async def test_token_appears_nowhere(
         str(settings),
     ]
     assert all(TOKEN not in text for text in texts)
-    files = [f for f in out.rglob("*") if f.is_file()]
+    files = [f for d in (out, tmp_path / "denied") for f in d.rglob("*") if f.is_file()]
     assert files
     assert all(TOKEN.encode() not in f.read_bytes() for f in files)
 
