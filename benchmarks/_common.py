@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harvester.demo import write_demo_ids
+from harvester.sim.demo import write_demo_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRATCH = RESULTS / "scratch"  # ignored by git: id files and datasets

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from harvester.dataset import committed_files, open_dataset
-from harvester.simulator import expected_completion
+from harvester.sim import expected_completion
 
 from ._common import SCRATCH, TOKEN, ids_file, save, simulator
 

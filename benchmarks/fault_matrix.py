@@ -19,16 +19,17 @@ from typing import Any
 import pyarrow.compute as pc
 
 from harvester.dataset import open_dataset
+from harvester.model import LIST_FIELDS, TEXT_FIELDS
 from harvester.runner import harvest
 from harvester.settings import RunSettings
-from harvester.simulator import PROFILES, Simulator, expected_completion
+from harvester.sim import PROFILES, Simulator, expected_completion
 
 from ._common import free_port, save
 
 TOKEN = "fault-matrix-token"
 SEED = 11
 FAULT_RATE = 0.4
-CONTENT_FIELDS = ("model", "query", "html", "prompt", "completion", "sources", "ads", "fanouts")
+CONTENT_FIELDS = (*TEXT_FIELDS, *LIST_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -42,38 +43,40 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "500": Case({"error_500_rate": FAULT_RATE}, frozenset({"http_500"})),
-    "502": Case({"error_502_rate": FAULT_RATE}, frozenset({"http_502"})),
-    "503 + Retry-After": Case({"unavailable_503_rate": FAULT_RATE}, frozenset({"http_503"})),
-    "504": Case({"error_504_rate": FAULT_RATE}, frozenset({"http_504"})),
-    "429 + Retry-After (seconds)": Case({"throttle_429_rate": FAULT_RATE}, frozenset({"http_429"})),
+    "500": Case({"error_500_share": FAULT_RATE}, frozenset({"http_500"})),
+    "502": Case({"error_502_share": FAULT_RATE}, frozenset({"http_502"})),
+    "503 + Retry-After": Case({"unavailable_503_share": FAULT_RATE}, frozenset({"http_503"})),
+    "504": Case({"error_504_share": FAULT_RATE}, frozenset({"http_504"})),
+    "429 + Retry-After (seconds)": Case(
+        {"throttle_429_share": FAULT_RATE}, frozenset({"http_429"})
+    ),
     "429 + Retry-After (HTTP date)": Case(
-        {"throttle_429_rate": 0.05, "retry_after_http_date": True, "retry_after_s": (1, 1)},
+        {"throttle_429_share": 0.05, "retry_after_http_date": True, "retry_after_s": (1, 1)},
         frozenset({"http_429"}),
     ),
-    "dropped before headers": Case({"drop_rate": FAULT_RATE}, frozenset({"disconnected"})),
+    "dropped before headers": Case({"drop_share": FAULT_RATE}, frozenset({"disconnected"})),
     "dropped after headers": Case(
-        {"drop_after_headers_rate": FAULT_RATE}, frozenset({"truncated_body", "disconnected"})
+        {"drop_after_headers_share": FAULT_RATE}, frozenset({"truncated_body", "disconnected"})
     ),
     "read timeout (stall)": Case(
-        {"stall_rate": 0.2, "stall_s": 200.0}, frozenset({"timeout"}), {"request_timeout": 0.5}
+        {"stall_share": 0.2, "stall_s": 200.0}, frozenset({"timeout"}), {"request_timeout": 0.5}
     ),
     "slow-drip body": Case(
-        {"slow_drip_rate": 0.2, "drip_s": 200.0}, frozenset({"timeout"}), {"request_timeout": 0.5}
+        {"slow_drip_share": 0.2, "drip_s": 200.0}, frozenset({"timeout"}), {"request_timeout": 0.5}
     ),
-    "truncated JSON": Case({"truncate_rate": FAULT_RATE}, frozenset({"bad_json"})),
-    "JSON of the wrong shape": Case({"wrong_shape_rate": FAULT_RATE}, frozenset({"bad_shape"})),
-    "200 text/html": Case({"html_body_rate": FAULT_RATE}, frozenset({"not_json"})),
+    "truncated JSON": Case({"truncate_share": FAULT_RATE}, frozenset({"bad_json"})),
+    "JSON of the wrong shape": Case({"wrong_shape_share": FAULT_RATE}, frozenset({"bad_shape"})),
+    "200 text/html": Case({"html_body_share": FAULT_RATE}, frozenset({"not_json"})),
     "body over the size cap": Case(
-        {"oversize_rate": FAULT_RATE, "oversize_bytes": 256 * 1024},
+        {"oversize_share": FAULT_RATE, "oversize_bytes": 256 * 1024},
         frozenset({"too_large"}),
         {"max_body_bytes": 128 * 1024},
     ),
     "unknown status code (404, 418)": Case(
-        {"unknown_code_rate": FAULT_RATE}, frozenset({"http_404", "http_418"})
+        {"unknown_code_share": FAULT_RATE}, frozenset({"http_404", "http_418"})
     ),
     "202 with an unknown status": Case(
-        {"unknown_status_rate": FAULT_RATE}, frozenset({"unknown_status"})
+        {"unknown_status_share": FAULT_RATE}, frozenset({"unknown_status"})
     ),
     "connection refused (server down 1 s)": Case(
         {}, frozenset({"connect_error"}), {"max_retries": 20, "backoff_max": 0.2}, down_s=1.0

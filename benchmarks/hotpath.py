@@ -34,9 +34,11 @@ from harvester.dataset import is_lossless
 from harvester.ids import IdReader
 from harvester.idset import DoneSet, IdSet, Keys
 from harvester.metrics import LatencyHistogram, Timeline
+from harvester.model import Kind
+from harvester.pacer import Pacer
 from harvester.settings import RunSettings
 from harvester.sink import ParquetSink
-from harvester.throttle import Pacer
+from harvester.throttle import Answer
 
 from ._common import ids_file, median, save
 from .fastserver import BODY
@@ -60,7 +62,8 @@ def pacer_us(calls: int, repeats: int) -> float:
         pacer = Pacer(1_000_000)  # far above what is reached: the cost of an open gate
         started = time.perf_counter()
         for _ in range(calls):
-            await pacer.acquire()
+            probe = await pacer.acquire()
+            pacer.record(Answer.ACCEPTED, probe=probe)
         return (time.perf_counter() - started) / calls * 1e6
 
     import uvloop
@@ -87,7 +90,7 @@ def sink_costs(rows: int, repeats: int) -> dict[str, float]:
             add_s = table_s = encode_s = 0.0
             for cid in ids:
                 started = time.perf_counter()
-                sink.add(cid, "completed", doc, 1)
+                sink.add(cid, Kind.COMPLETED, doc, 1)
                 add_s += time.perf_counter() - started
                 if sink.full():  # what flush() hands to the writer thread
                     parts, sink._parts = sink._parts, {}
@@ -140,7 +143,7 @@ def micro(repeats: int) -> dict[str, float]:
         ),
         "latency_record_us": per_call_us(lambda: hist.record(0.004), 100_000, repeats),
         "timeline_record_us": per_call_us(
-            lambda: timeline.record(time.monotonic(), 1000.0), 100_000, repeats
+            lambda: timeline.record(time.monotonic(), 1000.0, Answer.ACCEPTED), 100_000, repeats
         ),
         "pacer_acquire_us (rate 1e6, never waits)": pacer_us(100_000, repeats),
         "id_reader_us_per_id (CSV + classify, reader thread)": reader_us_per_id(repeats),
@@ -162,7 +165,7 @@ def feed_current(inp: Keys, done: DoneSet) -> tuple[tuple[int, int, int], int]:
     admitted = already = duplicates = 0
     for i in range(0, len(inp), BATCH):
         keys = inp[i : i + BATCH]
-        is_done, first = done.meet(keys)
+        is_done, first = done.mark_met(keys)
         others = (~is_done).nonzero()[0]
         fresh = int(seen.add_new(keys[others]).sum())
         admitted += fresh

@@ -1,40 +1,12 @@
-"""harvester: pull async completions out of the Massive API into a Parquet dataset."""
+"""harvester: pull async completions out of the Massive AI API into a Parquet dataset.
 
-from .client import CompletionsClient, Kind
-from .errors import (
-    BadResponseError,
-    FatalApiError,
-    FatalError,
-    HarvesterError,
-    InputError,
-    ServerError,
-    SinkError,
-    ThrottledError,
-    TlsError,
-    TransientError,
-    TransportError,
-    UsageError,
-)
-from .runner import RunResult, harvest
-from .settings import RunSettings
+The package is its command line (``harvester.cli``); for use from Python, ``harvester.runner
+.harvest`` runs one harvest with ``harvester.settings.RunSettings``. See docs/ARCHITECTURE.md.
+"""
 
-__all__ = [
-    "BadResponseError",
-    "CompletionsClient",
-    "FatalApiError",
-    "FatalError",
-    "HarvesterError",
-    "InputError",
-    "Kind",
-    "RunResult",
-    "RunSettings",
-    "ServerError",
-    "SinkError",
-    "ThrottledError",
-    "TlsError",
-    "TransientError",
-    "TransportError",
-    "UsageError",
-    "harvest",
-]
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("harvester")
+except PackageNotFoundError:  # pragma: no cover - a checkout that was never installed
+    __version__ = "0.0.0"

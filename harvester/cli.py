@@ -1,30 +1,42 @@
-"""Command line: ``harvester run | serve | demo``. Exit codes are part of the contract.
+"""Command line: ``harvester run | serve | demo``.
 
-0 every unique id has a row; 1 some ids are unresolved (rerun to finish them); 2 usage or
-unreadable input; 3 aborted on 401/402/403; 4 the output could not be written; 130 stopped
-by SIGINT/SIGTERM (committed rows are kept; rerun to resume).
+Exit codes are part of the contract (``errors.ExitCode``): 0 every unique id has a row; 1 some
+ids are unresolved (rerun to finish them); 2 usage or unreadable input; 3 the API refused the
+token or account (401/402/403) or TLS failed; 4 the output could not be written; 130 stopped by
+SIGINT/SIGTERM (committed rows are kept; rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from .errors import SinkError, UsageError
+from .errors import ExitCode, HarvesterError, UsageError
+from .open_files import raise_open_files_to_hard
 from .progress import setup_logging
-from .runner import EXIT_OUTPUT, EXIT_USAGE, RunResult, harvest
-from .settings import DEFAULT_BASE_URL, RunSettings
-from .shard import WHOLE, Shard
+from .report import RunResult, print_summary
+from .runner import harvest
+from .settings import RunSettings
+from .shard import Shard
+from .workers import run_workers
 
 TOKEN_ENV = "MASSIVE_API_TOKEN"
 T = TypeVar("T")
+# The one place defaults live is RunSettings; the command line shows and uses its values.
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(RunSettings)
+    if f.default is not dataclasses.MISSING
+}
+# Commands whose options come from the simulator package: built only when asked for, so that
+# ``harvester run`` loads no simulator code (nor aiohttp's server).
+_SIMULATOR_COMMANDS = frozenset(("serve", "demo"))
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -58,20 +70,28 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="dataset directory (created; reruns resume)"
     )
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="API base URL [%(default)s]")
+    p.add_argument("--base-url", default=DEFAULTS["base_url"], help="API base URL [%(default)s]")
     p.add_argument(
-        "--rate", type=_positive_float, default=100.0, help="max requests/s [%(default)s]"
+        "--rate",
+        type=_positive_float,
+        default=DEFAULTS["rate"],
+        help="max requests/s [%(default)s]",
     )
     p.add_argument(
-        "--concurrency", type=int, default=64, help="max requests in flight [%(default)s]"
+        "--concurrency",
+        type=int,
+        default=DEFAULTS["concurrency"],
+        help="max requests in flight [%(default)s]",
     )
     p.add_argument(
         "--max-wait",
         type=_positive_float,
-        default=600.0,
+        default=DEFAULTS["max_wait"],
         help="seconds an id may stay unfinished before it is left unresolved [%(default)s]",
     )
-    p.add_argument("--id-column", default="id", help="name of the id column [%(default)s]")
+    p.add_argument(
+        "--id-column", default=DEFAULTS["id_column"], help="name of the id column [%(default)s]"
+    )
     p.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object on stdout"
     )
@@ -79,28 +99,48 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--token-file", type=Path, help=f"read the token from this file instead of ${TOKEN_ENV}"
     )
-    p.add_argument("--max-in-play", type=int, default=5000, help="ids polled at once [%(default)s]")
+    p.add_argument(
+        "--max-in-play",
+        type=int,
+        default=DEFAULTS["max_in_play"],
+        help="ids between input and outcome at once [%(default)s]",
+    )
     p.add_argument(
         "--poll-interval",
         type=_positive_float,
-        default=4.0,
+        default=DEFAULTS["poll_interval"],
         help="seconds before re-polling a retrieving id; grows 1.5x a poll [%(default)s]",
     )
-    p.add_argument("--max-poll-interval", type=_positive_float, default=30.0, help="[%(default)s]")
+    p.add_argument(
+        "--max-poll-interval",
+        type=_positive_float,
+        default=DEFAULTS["max_poll_interval"],
+        help="the longest wait between two polls of one id, in seconds [%(default)s]",
+    )
     p.add_argument(
         "--max-retries",
         type=int,
-        default=10,
+        default=DEFAULTS["max_retries"],
         help="transient errors per id before it is left unresolved [%(default)s]",
     )
     p.add_argument(
         "--flush-interval",
         type=_positive_float,
-        default=5.0,
+        default=DEFAULTS["flush_interval"],
         help="commit buffered rows at least this often, in seconds [%(default)s]",
     )
-    p.add_argument("--request-timeout", type=_positive_float, default=60.0, help="[%(default)s]")
-    p.add_argument("--max-body-bytes", type=int, default=25 * 1024 * 1024, help="[%(default)s]")
+    p.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=DEFAULTS["request_timeout"],
+        help="seconds one request may take before it is retried [%(default)s]",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULTS["max_body_bytes"],
+        help="larger answers are refused and retried [%(default)s bytes]",
+    )
     p.add_argument(
         "--allow-insecure",
         action="store_true",
@@ -109,7 +149,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--shard",
         type=_shard_arg,
-        default=WHOLE,
+        default=DEFAULTS["shard"],
         help="harvest only shard K of N (K/N, 0-based) by a stable hash of the id; "
         "N processes with K=0..N-1 split one input with no coordination",
     )
@@ -130,20 +170,30 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--log-interval",
         type=_positive_float,
-        default=10.0,
+        default=DEFAULTS["log_interval"],
         help="seconds between progress log lines when not on a terminal [%(default)s]",
     )
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .simulator import PROFILES
-
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
     p = sub.add_parser("serve", help="run the API simulator (no network, no real token)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    if not full:
+        return
+    from .sim.profiles import PROFILES
+
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [%(default)s]")
+    p.add_argument("--port", type=int, default=8080, help="port; 0 for any free one [%(default)s]")
     p.add_argument("--token", default="sim-token", help="the bearer token it accepts [%(default)s]")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="realistic")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="realistic",
+        help="how it behaves: instant (no waits), realistic (the API's timings and a few "
+        "errors) or chaos (every fault) [%(default)s]",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="fixes every id's fate and content [%(default)s]"
+    )
     p.add_argument(
         "--time-scale",
         type=_positive_float,
@@ -165,22 +215,28 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
     p = sub.add_parser("demo", help="harvest ~20k ids from an in-process simulator")
+    if not full:
+        return
     p.add_argument(
         "--ids", type=int, default=20_000, dest="count", help="how many ids [%(default)s]"
     )
-    p.add_argument("--out", type=Path, default=Path("harvest-demo"), help="[%(default)s]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out", type=Path, default=Path("harvest-demo"), help="dataset directory [%(default)s]"
+    )
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; the simulator's commands get their options only when ``command`` is
+    one of them or None (the whole parser)."""
     parser = argparse.ArgumentParser(prog="harvester", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    full = command is None or command in _SIMULATOR_COMMANDS
     _add_run(sub)
-    _add_serve(sub)
-    _add_demo(sub)
+    _add_serve(sub, full)
+    _add_demo(sub, full)
     return parser
 
 
@@ -224,33 +280,9 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     )
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The human summary printed at the end of a run."""
-    lat = summary["latency_ms"]
-    errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
-    return "\n".join(
-        [
-            f"{summary['unique_ids']} unique ids in {summary['elapsed_s']:.1f} s "
-            f"-> {summary['out']}",
-            f"  completed {summary['completed']}  failed {summary['failed']}  "
-            f"invalid {summary['invalid']}  unresolved {summary['unresolved']}  "
-            f"(already done {summary['already_done']}, duplicates {summary['duplicates']})",
-            f"  requests {summary['requests']} ({summary['requests_per_s']}/s), "
-            f"retries {summary['retries']}, throttled {summary['throttled']}; errors: {errors}",
-            f"  latency ms p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
-            f"   peak RSS {summary['peak_rss_mb']} MiB",
-        ]
-    )
-
-
 def report(result: RunResult, *, as_json: bool) -> int:
-    """Print the summary (JSON on stdout, or human text) and any abort line on stderr."""
-    if as_json:
-        sys.stdout.write(orjson.dumps(result.summary).decode() + "\n")
-    else:
-        print(format_summary(result.summary))
-    if result.message:
-        print(f"harvester: {result.message}", file=sys.stderr)
+    """Print the summary and any abort line; return the exit code."""
+    print_summary(result.summary, result.message, as_json=as_json)
     return result.exit_code
 
 
@@ -260,15 +292,12 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--workers must be >= 1 (got {args.workers})")
     if args.workers == 1:
         return report(run_loop(harvest(settings)), as_json=settings.json_summary)
-    from .workers import run_workers
-
     result = run_loop(run_workers(argv, settings, args.workers))
     return report(result, as_json=settings.json_summary)
 
 
 def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from .limits import raise_open_files_to_hard
-    from .simulator import serve
+    from .sim.server import serve
 
     raise_open_files_to_hard()  # one file per client connection
     run_loop(
@@ -287,7 +316,7 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
-    from .demo import run_demo
+    from .sim.demo import run_demo
 
     return run_loop(run_demo(count=args.count, out=args.out, progress=not args.no_progress))
 
@@ -298,15 +327,14 @@ _COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harvester`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in _COMMANDS else None).parse_args(argv)
     setup_logging()
     try:
         return _COMMANDS[args.command](args, argv)
-    except UsageError as exc:
-        print(f"harvester: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SinkError as exc:
-        print(f"harvester: output error: {exc}", file=sys.stderr)
-        return EXIT_OUTPUT
+    except HarvesterError as exc:
+        what = "output error" if exc.exit_code is ExitCode.OUTPUT else "error"
+        print(f"harvester: {what}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED

@@ -7,11 +7,9 @@ error families (``raise ... from exc``), so the scheduler deals in outcomes, not
 from __future__ import annotations
 
 import email.utils
-import enum
 import time
-from collections.abc import Callable
 from datetime import UTC
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -27,29 +25,21 @@ from .errors import (
     TransientError,
     TransportError,
 )
+from .model import (
+    EXTRA_FIELD,
+    KNOWN_FIELDS,
+    PENDING_STATUSES,
+    TARGETING_FIELDS,
+    TEXT_FIELDS,
+    Completion,
+    Kind,
+)
 
-COMPLETION_STRINGS = ("model", "query", "html", "prompt", "completion", "sources", "ads")
-TARGETING_FIELDS = ("device", "country", "subdivision", "city")
-KNOWN_FIELDS = frozenset((*COMPLETION_STRINGS, "fanouts", *TARGETING_FIELDS))
-EXTRA_KEY = "\x00extra"  # where validate_completion leaves the extras' JSON for the sink
-PENDING_STATUSES = frozenset(("retrieving", "archiving"))  # archiving: the newer API's step
 _FATAL_HINTS = {
     401: "the API got no token: set MASSIVE_API_TOKEN (or --token-file)",
     402: "the account is out of credit: top it up, then rerun the same command",
     403: "the API rejected the token: check MASSIVE_API_TOKEN",
 }
-
-
-class Kind(enum.Enum):
-    """What one poll established about an id."""
-
-    COMPLETED = "completed"
-    RETRIEVING = "retrieving"
-    FAILED = "failed"
-    INVALID = "invalid"
-
-
-Completion = dict[str, Any]
 
 
 def make_session(
@@ -67,7 +57,7 @@ def make_session(
 
 
 class CompletionsClient:
-    """Polls one id at a time over an injected session; measures each request's latency."""
+    """Polls one id at a time over an injected session (the caller times each poll)."""
 
     def __init__(
         self,
@@ -77,21 +67,17 @@ class CompletionsClient:
         token: str,
         max_body_bytes: int,
         retry_after_max: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
         self._prefix = endpoint + "?id="
         self._token = token
         self._max_body = max_body_bytes
         self._retry_after_max = retry_after_max
-        self._clock = clock
-        self.last_latency = 0.0
 
     async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
         """Ask once for ``conversation_id``; raise a ``TransientError`` or ``FatalApiError``."""
         # The id is a canonical uuid (validated upstream), so the URL needs no quoting.
         url = URL(self._prefix + conversation_id, encoded=True)
-        started = self._clock()
         try:
             async with self._session.get(url, allow_redirects=False) as resp:
                 body = await self._read_body(resp)
@@ -113,8 +99,6 @@ class CompletionsClient:
             raise TransportError("disconnected", "connection dropped") from exc
         except aiohttp.ClientError as exc:
             raise TransportError("client_error", type(exc).__name__) from exc
-        finally:
-            self.last_latency = self._clock() - started
         try:
             return self._interpret(status, headers, body)
         except (TransientError, FatalError):
@@ -184,23 +168,28 @@ def parse_status_doc(doc: dict[str, Any]) -> Kind:
 
 
 def validate_completion(doc: dict[str, Any]) -> Completion:
-    """Check the Completion's shape; a wrong shape is retried, never stored."""
-    for name in COMPLETION_STRINGS:
+    """Check the answer's shape and return it as a Completion; a wrong shape is retried,
+    never stored."""
+    for name in TEXT_FIELDS:
         if not isinstance(doc.get(name), str):
             raise BadResponseError("bad_shape", f"field {name!r} missing or not a string")
     if not doc["model"]:
         raise BadResponseError("bad_shape", "field 'model' is empty")
     fanouts = doc.get("fanouts")
     if fanouts is None:
-        doc["fanouts"] = []  # some models expose no fanouts; null and absent mean none
+        fanouts = []  # some models expose no fanouts; null and absent mean none
     elif not isinstance(fanouts, list) or not all(isinstance(f, str) for f in fanouts):
         raise BadResponseError("bad_shape", "field 'fanouts' is not a list of strings")
     for name in TARGETING_FIELDS:
         value = doc.get(name)
         if value is not None and not isinstance(value, str):
             raise BadResponseError("bad_shape", f"field {name!r} is not a string or null")
-    doc[EXTRA_KEY] = extras_json(doc)
-    return doc
+    row: dict[str, Any] = {name: doc[name] for name in TEXT_FIELDS}
+    row["fanouts"] = fanouts
+    for name in TARGETING_FIELDS:
+        row[name] = doc.get(name)
+    row[EXTRA_FIELD] = extras_json(doc)
+    return cast(Completion, row)
 
 
 def extras_json(doc: dict[str, Any]) -> str | None:

@@ -21,9 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import SinkError
+from .errors import OutputError
 from .ids import CANONICAL, invalid_key, uuid_key
 from .idset import KEY_DTYPE, DoneSet, Keys, as_keys
+from .model import API_FIELDS, EXTRA_FIELD, LIST_FIELDS, TARGETING_FIELDS, TEXT_FIELDS
 from .shard import Shard
 
 META_DIR = "_harvester"
@@ -31,25 +32,25 @@ NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # the hive convention for a null 
 MAX_SEGMENT_VALUE = 120  # bytes of an encoded partition value; file systems allow 255
 PARTITION_COLUMNS = ("harvest_date", "model")
 
+# The Completion's fields stored inside the files: all but the one the path holds.
+STRING_COLUMNS = tuple(n for n in (*TEXT_FIELDS, *TARGETING_FIELDS) if n not in PARTITION_COLUMNS)
+_COLUMN_TYPES = {
+    **dict.fromkeys(TEXT_FIELDS + TARGETING_FIELDS, pa.string()),
+    **dict.fromkeys(LIST_FIELDS, pa.list_(pa.string())),
+}
 FILE_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
-        pa.field("query", pa.string()),
-        pa.field("html", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("completion", pa.string()),
-        pa.field("sources", pa.string()),
-        pa.field("ads", pa.string()),
-        pa.field("fanouts", pa.list_(pa.string())),
-        pa.field("device", pa.string()),
-        pa.field("country", pa.string()),
-        pa.field("subdivision", pa.string()),
-        pa.field("city", pa.string()),
+        *(
+            pa.field(name, _COLUMN_TYPES[name])
+            for name in API_FIELDS
+            if name not in PARTITION_COLUMNS
+        ),
         pa.field("polls", pa.int32(), nullable=False),
         pa.field("harvested_at", pa.timestamp("us", tz="UTC"), nullable=False),
         # Fields the server sent beyond the spec, as a JSON object (null when none): lossless.
-        pa.field("extra", pa.string()),
+        pa.field(EXTRA_FIELD, pa.string()),
     ]
 )
 PARTITION_SCHEMA = pa.schema([("harvest_date", pa.string()), ("model", pa.string())])
@@ -121,7 +122,7 @@ def open_dataset(root: Path) -> ds.Dataset:
             partition_base_dir=str(root),
         )
     except (pa.ArrowException, OSError) as exc:
-        raise SinkError(f"{root}: cannot open the dataset ({exc})") from exc
+        raise OutputError(f"{root}: cannot open the dataset ({exc})") from exc
 
 
 def load_done(root: Path, shard: Shard | None = None) -> DoneSet:
@@ -143,7 +144,7 @@ def load_done(root: Path, shard: Shard | None = None) -> DoneSet:
                 keys[filled : filled + len(chunk)] = chunk
                 filled += len(chunk)
     except (pa.ArrowException, OSError) as exc:
-        raise SinkError(f"{root}: cannot read the existing rows ({exc})") from exc
+        raise OutputError(f"{root}: cannot read the existing rows ({exc})") from exc
     return DoneSet.from_array(keys[:filled])
 
 
@@ -175,14 +176,14 @@ def uuid_keys(ids: pa.Array) -> Keys:
     flat = ids.cast(pa.large_string())
     lengths = pc.min_max(pc.binary_length(flat)).as_py()
     if ids.null_count or lengths != {"min": 36, "max": 36}:
-        raise SinkError("the dataset holds a non-uuid id outside an invalid row")
+        raise OutputError("the dataset holds a non-uuid id outside an invalid row")
     offsets = np.frombuffer(flat.buffers()[1], dtype=np.int64)
     start = offsets[flat.offset]
     data = np.frombuffer(flat.buffers()[2], dtype=np.uint8)[start : start + 36 * len(flat)]
     rows = data.reshape(-1, 36)
     nibbles = _HEX[rows[:, _HEX_COLUMNS]]
     if (nibbles == 255).any() or (rows[:, _HYPHENS] != ord("-")).any():
-        raise SinkError("the dataset holds a non-uuid id outside an invalid row")
+        raise OutputError("the dataset holds a non-uuid id outside an invalid row")
     packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
     return np.ascontiguousarray(packed).view(KEY_DTYPE).reshape(-1)
 

@@ -106,10 +106,6 @@ class IdSet:
         self._push(uniq[absent])
         return new
 
-    def update(self, keys: Keys) -> None:
-        """Add ``keys`` (repeats and known keys allowed)."""
-        self.add_new(keys)
-
     def _push(self, sorted_run: Keys) -> None:
         if not len(sorted_run):
             return
@@ -150,7 +146,7 @@ class DoneSet(IdSet):
         """Keys, heads and the met-in-input marks."""
         return super().nbytes + self._met.nbytes
 
-    def meet(self, keys: Keys) -> tuple[Mask, Mask]:
+    def mark_met(self, keys: Keys) -> tuple[Mask, Mask]:
         """Which ``keys`` are done, and which of those are met for the first time."""
         done = np.zeros(len(keys), dtype=bool)
         first = np.zeros(len(keys), dtype=bool)

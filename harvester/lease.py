@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from .dataset import META_DIR
-from .errors import SinkError, UsageError
+from .errors import OutputError, UsageError
 from .shard import Shard
 
 TMP_GLOB = "*/*/.part-*.parquet.tmp"
@@ -65,7 +65,7 @@ class RunLease:
         except (FileExistsError, NotADirectoryError):
             raise UsageError(f"--out {self._root}: not a directory; give a directory") from None
         except OSError as exc:
-            raise SinkError(f"{self._root}: cannot create it ({exc.strerror})") from exc
+            raise OutputError(f"{self._root}: cannot create it ({exc.strerror})") from exc
         try:
             self._take_locks(locks)
         except BaseException:
@@ -95,7 +95,7 @@ class RunLease:
                     return
                 handle.close()  # unlinked by a cleaner between our open and our lock
             time.sleep(0.01)
-        raise SinkError(f"{self._run_lock}: cannot lock this run's marker")
+        raise OutputError(f"{self._run_lock}: cannot lock this run's marker")
 
     def _hold(self, path: Path, mode: int) -> IO[bytes] | None:
         handle = _try_lock(path, mode)

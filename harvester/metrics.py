@@ -9,6 +9,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .model import Kind
+from .throttle import Answer
+
 _MIN_MS = 0.01
 _GROWTH = math.log(1.01)  # 1% wide buckets: percentiles within 1% whatever the range
 _BUCKETS = 2200  # 0.01 ms * 1.01**2200 is past 10 minutes
@@ -73,32 +76,59 @@ def peak_rss_mb() -> float:
 
 
 class Timeline:
-    """Requests, 429/503s and the pacer's rate for each second of the run (for plots)."""
+    """For each second of the run: requests sent, their 429s and 503s, the pacer's allowed
+    rate and the seconds every request was held (for plots and post-mortems)."""
 
-    __slots__ = ("_start", "rate", "requests", "throttled")
+    __slots__ = ("_start", "paused", "rate", "requests", "throttled_429", "throttled_503")
 
     def __init__(self) -> None:
         self._start: float | None = None
         self.requests: list[int] = []
-        self.throttled: list[int] = []
+        self.throttled_429: list[int] = []
+        self.throttled_503: list[int] = []
         self.rate: list[float] = []
+        self.paused: list[float] = []
 
-    def record(self, now: float, rate: float, *, throttled: bool = False) -> None:
-        """Count one request sent at ``now`` (loop time) while the pacer allowed ``rate``/s."""
+    def _second(self, now: float, rate: float) -> int:
         if self._start is None:
             self._start = now
-        second = int(now - self._start)
+        second = max(0, int(now - self._start))
         while len(self.requests) <= second:
             self.requests.append(0)
-            self.throttled.append(0)
+            self.throttled_429.append(0)
+            self.throttled_503.append(0)
             self.rate.append(rate)
+            self.paused.append(0.0)
+        return second
+
+    def record(self, now: float, rate: float, answer: Answer) -> None:
+        """Count one request sent at ``now`` (loop time) while the pacer allowed ``rate``/s."""
+        second = self._second(now, rate)
         self.requests[second] += 1
-        self.throttled[second] += throttled
+        if answer is Answer.THROTTLED_429:
+            self.throttled_429[second] += 1
+        elif answer is Answer.THROTTLED_503:
+            self.throttled_503[second] += 1
         self.rate[second] = rate
+
+    def add_pause(self, start: float, end: float, rate: float) -> None:
+        """Spread one client-wide pause (loop times) over the seconds it covered."""
+        while start < end:
+            second = self._second(start, rate)
+            assert self._start is not None
+            edge = min(end, self._start + second + 1)
+            self.paused[second] = round(self.paused[second] + edge - start, 3)
+            start = edge
 
     def as_dict(self) -> dict[str, list[Any]]:
         """JSON-ready columns, one entry a second."""
-        return {"requests": self.requests, "throttled": self.throttled, "rate": self.rate}
+        return {
+            "requests": self.requests,
+            "throttled_429": self.throttled_429,
+            "throttled_503": self.throttled_503,
+            "rate": self.rate,
+            "paused_s": self.paused,
+        }
 
 
 @dataclass
@@ -114,13 +144,26 @@ class RunStats:
     unresolved: int = 0
     requests: int = 0
     retries: int = 0
-    throttled: int = 0
+    throttled_429: int = 0
+    throttled_503: int = 0
     in_flight: int = 0
     rows_written: int = 0
     files_written: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     timeline: Timeline = field(default_factory=Timeline)
+    paused_s: float = 0.0  # seconds every request was held by a client-wide pause
+
+    def count_outcome(self, kind: Kind) -> None:
+        """One id reached a terminal outcome (its counter is named for the kind)."""
+        setattr(self, kind.value, getattr(self, kind.value) + 1)
+
+    def count_throttled(self, status: int) -> None:
+        """One 429 or 503 answer."""
+        if status == 503:
+            self.throttled_503 += 1
+        else:
+            self.throttled_429 += 1
 
     @property
     def finished(self) -> int:
@@ -148,7 +191,10 @@ class RunStats:
             "duplicates": self.duplicates,
             "requests": self.requests,
             "retries": self.retries,
-            "throttled": self.throttled,
+            "throttled": self.throttled_429 + self.throttled_503,
+            "throttled_429": self.throttled_429,
+            "throttled_503": self.throttled_503,
+            "paused_s": round(self.paused_s, 1),
             "errors": dict(sorted(self.errors.items())),
             "rows_written": self.rows_written,
             "files_written": self.files_written,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
@@ -27,9 +28,16 @@ class Progress:
     """Shows ids done/total, completions/s, outcomes, requests in flight and an ETA."""
 
     def __init__(
-        self, stats: RunStats, *, total: int, enabled: bool = True, interval: float = 10.0
+        self,
+        stats: RunStats,
+        *,
+        total: int,
+        enabled: bool = True,
+        interval: float = 10.0,
+        note: Callable[[], str] = str,
     ) -> None:
         self._stats = stats
+        self._note = note  # why requests are held, if they are ("paused 180 s: ...")
         self._total = max(total, 1)
         self._interval = interval
         self._console = Console(stderr=True)
@@ -62,6 +70,7 @@ class Progress:
             f"ids {done}/{total} (completed {s.completed}, failed {s.failed}, "
             f"invalid {s.invalid}, unresolved {s.unresolved}, skipped {s.already_done}) "
             f"requests {s.requests} ({self._rate(s.requests):.0f}/s) in flight {s.in_flight}"
+            + (f"; {note}" if (note := self._note()) else "")
         )
 
     def _rate(self, count: int) -> float:
@@ -80,10 +89,13 @@ class Progress:
             TextColumn("{task.fields[speed]} done/s"),
             TextColumn("{task.fields[outcomes]}"),
             TextColumn("in flight {task.fields[in_flight]}"),
+            TextColumn("[yellow]{task.fields[note]}"),
             TimeRemainingColumn(),
         )
         with RichProgress(*columns, console=self._console, transient=False) as bar:
-            task = bar.add_task("harvest", total=self._total, speed="0", outcomes="", in_flight=0)
+            task = bar.add_task(
+                "harvest", total=self._total, speed="0", outcomes="", in_flight=0, note=""
+            )
             with contextlib.suppress(asyncio.CancelledError):
                 while True:
                     self._update(bar, task)
@@ -103,6 +115,7 @@ class Progress:
             speed=f"{self._rate(s.finished):.0f}",
             outcomes=outcomes,
             in_flight=s.in_flight,
+            note=self._note(),
         )
 
 

@@ -13,28 +13,44 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from .client import Completion, CompletionsClient, Kind
-from .errors import FatalError, ThrottledError, TransientError
+from .client import CompletionsClient
+from .errors import FatalError, ThrottledError, TransientError, TransportError
 from .ids import Batch
 from .idset import DoneSet, IdSet
+from .intake import sort_out
 from .metrics import RunStats
+from .model import Completion, Kind
+from .pacer import Pacer
+from .settings import RunSettings
 from .shard import WHOLE, Shard
 from .sink import ParquetSink
-from .throttle import Pacer
+from .throttle import DEFAULT_RETRY_AFTER, Answer
 
-DEFAULT_THROTTLE_WAIT = 1.0  # a 429/503 without Retry-After still pauses the client a while
+_ANSWER_OF = {429: Answer.THROTTLED_429, 503: Answer.THROTTLED_503}
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Timing rules of one run: poll spacing, retry backoff and the give-up deadline."""
 
-    poll_interval: float = 4.0
-    max_poll_interval: float = 30.0
-    max_wait: float = 600.0
-    max_retries: int = 10
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
+    poll_interval: float
+    max_poll_interval: float
+    max_wait: float
+    max_retries: int
+    backoff_base: float
+    backoff_max: float
+
+    @classmethod
+    def of(cls, settings: RunSettings) -> Policy:
+        """The policy a run's settings ask for (the defaults live in ``RunSettings``)."""
+        return cls(
+            poll_interval=settings.poll_interval,
+            max_poll_interval=settings.max_poll_interval,
+            max_wait=settings.max_wait,
+            max_retries=settings.max_retries,
+            backoff_base=settings.backoff_base,
+            backoff_max=settings.backoff_max,
+        )
 
     def next_poll(self, polls: int) -> float:
         """Seconds until the next poll of an id still retrieving, growing 1.5x a poll."""
@@ -81,7 +97,7 @@ class Scheduler:
         self._policy = policy
         self._concurrency = concurrency
         self._shard = shard
-        self._room = asyncio.Semaphore(max_in_play)
+        self._slots = asyncio.Semaphore(max_in_play)  # one per id in play
         self._ready: asyncio.Queue[_Entry | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._in_play = 0
@@ -150,17 +166,11 @@ class Scheduler:
     async def _feed(self, batches: AsyncIterator[Batch], seen: IdSet, done: DoneSet) -> None:
         stats = self._stats
         async for batch in batches:
-            if not self._shard.everything:
-                batch = batch.select(self._shard.mask(batch.keys))
-            # Done ids are marked in the done set itself; only the others enter ``seen``.
-            is_done, first_done = done.meet(batch.keys)
-            others = (~is_done).nonzero()[0]
-            fresh = others[seen.add_new(batch.keys[others])]
-            already = int(first_done.sum())
-            stats.already_done += already
-            stats.unique_ids += already + len(fresh)
-            stats.duplicates += len(batch.keys) - already - len(fresh)
-            await self._take(batch, fresh.tolist())
+            intake = sort_out(batch, shard=self._shard, seen=seen, done=done)
+            stats.already_done += intake.already_done
+            stats.unique_ids += intake.already_done + len(intake.fresh)
+            stats.duplicates += intake.duplicates
+            await self._take(intake.batch, intake.fresh)
             if self._stopping:
                 return  # read no further: ids not read are simply not part of this run
 
@@ -172,11 +182,11 @@ class Scheduler:
                 if self._stopping:
                     return
                 if batch.valid[i]:
-                    await self._room.acquire()
+                    await self._slots.acquire()
                     self._admit(batch.ids[i])
                     taken += 1
                 else:
-                    self._note(batch.ids[i], "invalid", None, 0)
+                    self._record(batch.ids[i], Kind.INVALID, None, 0)
                     taken += 1
                     await self._backpressure()
         finally:
@@ -194,31 +204,37 @@ class Scheduler:
         while (entry := await self._ready.get()) is not None:
             if self._stopping:
                 return
-            await self._pacer.acquire()
+            probe = await self._pacer.acquire()
             if self._stopping:
+                self._pacer.record(Answer.NONE, probe=probe)
                 return
             self._busy.add(me)
             try:
-                await self._poll(entry)
+                await self._poll(entry, probe)
             finally:
                 self._busy.discard(me)
 
-    async def _poll(self, entry: _Entry) -> None:
+    async def _poll(self, entry: _Entry, probe: bool) -> None:
         stats = self._stats
-        now = self._loop.time()
+        loop = self._loop
+        now = loop.time()
         if not entry.polls:
             entry.deadline = now + self._policy.max_wait
         entry.polls += 1
         stats.requests += 1
         stats.in_flight += 1
-        throttled = False
+        answer, retry_after = Answer.NONE, None
         try:
             kind, doc = await self._client.poll(entry.id)
+            answer = Answer.ACCEPTED
         except ThrottledError as exc:
-            throttled = True
+            answer, retry_after = _ANSWER_OF.get(exc.status, Answer.THROTTLED_429), exc.retry_after
             self._on_throttled(entry, exc)
             return
         except TransientError as exc:
+            # Nothing came back (refused, dropped, timed out): no word on the server's load;
+            # anything else is an answer, if a bad one, and not a throttle.
+            answer = Answer.NONE if isinstance(exc, TransportError) else Answer.ACCEPTED
             self._on_transient(entry, exc)
             return
         except FatalError as exc:
@@ -226,23 +242,22 @@ class Scheduler:
             return
         finally:
             stats.in_flight -= 1
-            stats.latency.record(self._client.last_latency)
-            stats.timeline.record(now, self._pacer.rate, throttled=throttled)
-            if not throttled:
-                self._pacer.answered()
+            stats.latency.record(loop.time() - now)
+            stats.timeline.record(now, self._pacer.rate, answer)
+            self._pacer.record(answer, retry_after, probe=probe)
         await self._settle(entry, kind, doc)
 
     def _on_throttled(self, entry: _Entry, exc: ThrottledError) -> None:
-        """429/503: the whole client waits and slows down; the id is not to blame."""
-        self._stats.throttled += 1
-        self._stats.errors[exc.kind] += 1
-        wait = DEFAULT_THROTTLE_WAIT if exc.retry_after is None else exc.retry_after
-        self._pacer.throttled(wait)
-        self._retry_later(entry, 0.0)
+        """429/503: this id waits out its Retry-After on a timer, holding no slot; the pacer
+        weighs the share of these to decide whether everyone slows down."""
+        self._stats.count_throttled(exc.status)
+        self._stats.errors[exc.label] += 1
+        wait = DEFAULT_RETRY_AFTER if exc.retry_after is None else exc.retry_after
+        self._retry_later(entry, wait)
 
     def _on_transient(self, entry: _Entry, exc: TransientError) -> None:
         """Back off and retry, up to ``max_retries`` for this id; then leave it unresolved."""
-        self._stats.errors[exc.kind] += 1
+        self._stats.errors[exc.label] += 1
         entry.failures += 1
         if entry.failures > self._policy.max_retries:
             self._give_up(entry)
@@ -256,7 +271,7 @@ class Scheduler:
             return
         # Noted and released before any wait: a cancel during back-pressure cannot count the
         # id twice (as done here and as unresolved in play).
-        self._note(entry.id, kind.value, doc, entry.polls)
+        self._record(entry.id, kind, doc, entry.polls)
         self._release()
         await self._backpressure()
 
@@ -279,23 +294,17 @@ class Scheduler:
 
     def _release(self) -> None:
         self._in_play -= 1
-        self._room.release()
+        self._slots.release()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
         if not self._feeding and self._in_play == 0 and not self._stopping:
             self.stop()
 
-    def _note(self, conversation_id: str, status: str, doc: Completion | None, polls: int) -> None:
+    def _record(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
         """Count a terminal outcome and buffer its row (committed by the sink's next flush)."""
-        stats = self._stats
-        if status == "completed":
-            stats.completed += 1
-        elif status == "failed":
-            stats.failed += 1
-        else:
-            stats.invalid += 1
-        self._sink.add(conversation_id, status, doc, polls)
+        self._stats.count_outcome(kind)
+        self._sink.add(conversation_id, kind, doc, polls)
 
     async def _backpressure(self) -> None:
         if self._sink.overfull():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,18 +23,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .client import EXTRA_KEY, Completion, extras_json
-from .dataset import FILE_SCHEMA, fsync_dir, is_lossless, partition_dir
-from .errors import SinkError
+from .dataset import FILE_SCHEMA, STRING_COLUMNS, fsync_dir, is_lossless, partition_dir
+from .errors import OutputError
+from .model import TEXT_FIELDS, Completion, Kind
 
-_STRING_FIELDS = ("query", "html", "prompt", "completion", "sources", "ads")
-_TARGETING = ("device", "country", "subdivision", "city")
-
-
-def new_run_id(clock: Callable[[], float] = time.time) -> str:
-    """A sortable, collision-free name for this run's files."""
-    stamp = datetime.fromtimestamp(clock(), UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{secrets.token_hex(4)}"
+# Text columns counted toward the buffer's size (targeting values are a few bytes).
+_SIZED = frozenset(TEXT_FIELDS)
 
 
 @dataclass
@@ -45,7 +38,7 @@ class _Columns:
     id: list[str] = field(default_factory=list)
     status: list[str] = field(default_factory=list)
     texts: dict[str, list[str | None]] = field(
-        default_factory=lambda: {name: [] for name in _STRING_FIELDS + _TARGETING}
+        default_factory=lambda: {name: [] for name in STRING_COLUMNS}
     )
     fanouts: list[list[str] | None] = field(default_factory=list)
     polls: list[int] = field(default_factory=list)
@@ -98,13 +91,13 @@ class ParquetSink:
         """True when producers must wait for a flush: keeps memory bounded."""
         return self._rows >= 2 * self.flush_rows or self._bytes >= 2 * self.flush_bytes
 
-    def add(self, conversation_id: str, status: str, doc: Completion | None, polls: int) -> None:
+    def add(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
         """Buffer one terminal row (``doc`` is the validated Completion for completed ids)."""
         now = self._clock()
         model = doc["model"] if doc is not None else None
         cols = self._columns(self._date(now), model)
         cols.id.append(conversation_id)
-        cols.status.append(status)
+        cols.status.append(kind.value)
         cols.polls.append(polls)
         cols.harvested_at.append(int(now * 1_000_000))
         if doc is None:
@@ -165,15 +158,13 @@ class ParquetSink:
     @staticmethod
     def _add_doc(cols: _Columns, doc: Completion) -> int:
         size = 0
-        for name in _STRING_FIELDS:
-            value = doc[name]
-            cols.texts[name].append(value)
-            size += getsizeof(value)  # real memory: non-ASCII text takes 2-4 bytes a char
-        for name in _TARGETING:
-            cols.texts[name].append(doc.get(name))
+        for name, values in cols.texts.items():
+            value = doc[name]  # type: ignore[literal-required]
+            values.append(value)
+            if name in _SIZED:
+                size += getsizeof(value)  # real memory: non-ASCII text takes 2-4 bytes a char
         cols.fanouts.append(doc["fanouts"])
-        # validate_completion has made it already; a caller that skipped it gets it made here.
-        extra: str | None = doc[EXTRA_KEY] if EXTRA_KEY in doc else extras_json(doc)
+        extra = doc["extra"]
         if not is_lossless(doc["model"]):
             # The path holds a shortened value: keep the whole one in ``extra``.
             merged = orjson.loads(extra) if extra else {}
@@ -210,4 +201,4 @@ class ParquetSink:
             self.files_written += 1
         except (OSError, pa.ArrowException) as exc:
             tmp.unlink(missing_ok=True)
-            raise SinkError(f"cannot write {directory / name}: {exc}") from exc
+            raise OutputError(f"cannot write {directory / name}: {exc}") from exc

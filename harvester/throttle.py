@@ -1,138 +1,251 @@
-"""Request pacing: at most R requests in any sliding second, close to R while there is backlog.
+"""The throttling policy: what the shared rate and the client-wide pause should be, given answers.
 
-aiolimiter's default bucket lets R requests through at once, so 2R can land in one second.
-A bucket of capacity 1 cannot land more than R+1, but every late timer wake-up (1 ms is
-common) is lost for good, which costs 10-40% of the rate above a few hundred per second.
-So the bucket here holds 20 ms worth of requests, enough to catch up lateness, and a
-sliding-window log of the last R send times is the hard guarantee: a request leaves only
-when the R-th previous one is more than ``window`` seconds old. ``window`` is a little over
-one second so that jitter between send and arrival cannot push the server's count over R+1.
+A 429 or 503 is first the business of the id that got it (it waits its own Retry-After, see
+``scheduler.py``). This controller looks at the *share* of such answers over the last second,
+429 and 503 apart, and decides for everyone:
+
+* **hold**: a few scattered 429s (>= ``HOLD_SHARE``) stop the rate from growing, no more;
+  503s ("autoscaling, keep the traffic") count only when they are a large share;
+* **cut**: 429s on >= ``CUT_SHARE_429`` of answers (or 503s on >= ``CUT_SHARE_503``) cut the
+  rate toward what the server accepted in the last second (``BETA`` of it, and never more
+  than to ``MAX_CUT`` of the rate at once), at most every ``CUT_GAP`` so that the effect of a
+  cut is seen before the next;
+* **win back**: when calm, the rate grows back along a CUBIC curve (as botocore's adaptive
+  retry does): slowly near the rate of the last cut, faster away from it, up to ``--rate``;
+* **pause**: only when the server is saturated (of at least ``SATURATED_MIN`` answers in the
+  last 300 ms, at most ``SATURATED_ACCEPTED`` were not 429/503), everyone waits for the latest
+  Retry-After; then ``PROBES`` requests go first, and the rate resumes once one is answered.
+
+Pure logic on an injected clock: ``record`` takes answers; ``rate``, ``paused_until`` and
+``probing`` say what the pacer must do. Unit-tested with a fake clock.
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
+import logging
 import math
-from collections import deque
+from collections.abc import Callable
 
-from aiolimiter import AsyncLimiter
+log = logging.getLogger("harvester")
 
-CATCH_UP_SECONDS = 0.02
-WINDOW_SECONDS = 1.02
-DECREASE_FACTOR = 0.7  # on overload: cut the rate by 30% ...
-DECREASE_GAP = 0.25  # ... at most every 250 ms (a burst of 429s is one signal) ...
-OVERLOAD_SHARE = 0.1  # ... when 10% of the last second's answers were 429/503 ...
-INCREASE_SHARE = 0.02  # ... and win back 2% of the configured rate each calm second.
+WINDOW_SECONDS = 1.0  # shares are taken over the answers of the last second
+_BUCKETS = 10  # ... kept in ten 100 ms buckets (O(1) an answer)
+HOLD_SHARE = 0.02  # 429s on 2% of answers: do not grow the rate
+CUT_SHARE_429 = 0.10  # 429s on 10%: cut toward what the server accepted
+CUT_SHARE_503 = 0.30  # 503 means "autoscaling, keep going": cut only when it is most answers
+CALM_SHARE_503 = 0.10  # ... and grow only while 503s stay below this
+SATURATED_ACCEPTED = 0.02  # at most 2% of the answers of the last 300 ms accepted ...
+SATURATED_MIN = 48  # ... of at least this many (the whole second's, if fewer came in 300 ms):
+# the server takes nothing, pause everyone. 48 in a row do not all fail by chance when 10% pass.
+CUT_MIN = 50  # a share is judged from this many answers at least (fewer at a low --rate)
+_FEWEST = 10  # ... but never fewer than this
+_SATURATED_BUCKETS = 3  # (the last 300 ms: a saturated server is seen at once)
+MIN_MEASURE_SECONDS = 0.05  # the accepted rate is never judged from less time than this
+CUT_GAP = 0.5  # seconds between two cuts: the first one's effect shows before the next
+BETA = 0.9  # a cut sets the rate to 90% of the accepted rate ...
+MAX_CUT = 0.25  # ... but never below a quarter of the rate before: a bad estimate costs 4x
+CUBIC_C = 0.4  # botocore's scale constant: requests/s per s^3
+PROBES = 2  # requests sent after a pause before the rate resumes
+DEFAULT_RETRY_AFTER = 1.0  # a 429/503 without Retry-After
 
 
-class _ShareWindow:
-    """Share of 429/503 answers over the last second, in ten 100 ms buckets (O(1) a call)."""
+class Answer(enum.Enum):
+    """What the pacer learns from one finished request."""
 
-    __slots__ = ("_bad", "_ok", "_tick")
+    ACCEPTED = "accepted"  # any answer the server gave that is not 429/503
+    THROTTLED_429 = "429"
+    THROTTLED_503 = "503"
+    NONE = "none"  # no answer at all (refused, dropped, timed out): no signal about load
+
+
+class _Window:
+    """Counts of accepted, 429 and 503 answers over the last second, in 100 ms buckets."""
+
+    __slots__ = ("_counts", "_tick", "since")
 
     def __init__(self) -> None:
-        self._ok = [0] * 10
-        self._bad = [0] * 10
-        self._tick = 0
+        self._counts = [[0, 0, 0] for _ in range(_BUCKETS)]
+        self._tick = -(1 << 62)
+        self.since = math.inf  # when the first answer it holds came (the window's real span)
 
-    def add(self, now: float, throttled: bool) -> None:
+    def add(self, now: float, column: int) -> None:
+        if self.since > now:
+            self.since = now
+        self._counts[self._advance(now) % _BUCKETS][column] += 1
+
+    def totals(self, now: float, buckets: int = _BUCKETS) -> tuple[int, int, int]:
+        """(accepted, 429, 503) in the last ``buckets`` tenths of the window ending at ``now``."""
         tick = self._advance(now)
-        if throttled:
-            self._bad[tick % 10] += 1
-        else:
-            self._ok[tick % 10] += 1
+        accepted = t429 = t503 = 0
+        for t in range(tick - buckets + 1, tick + 1):
+            a, b, c = self._counts[t % _BUCKETS]
+            accepted += a
+            t429 += b
+            t503 += c
+        return accepted, t429, t503
 
-    def share(self, now: float) -> float:
-        self._advance(now)
-        bad = sum(self._bad)
-        total = bad + sum(self._ok)
-        return bad / total if total else 0.0
+    def clear(self) -> None:
+        for counts in self._counts:
+            counts[:] = (0, 0, 0)
+        self.since = math.inf
 
     def _advance(self, now: float) -> int:
-        tick = int(now * 10)
-        for t in range(max(self._tick + 1, tick - 9), tick + 1):
-            self._ok[t % 10] = self._bad[t % 10] = 0
-        self._tick = max(self._tick, tick)
-        return tick
+        tick = math.floor(now * _BUCKETS / WINDOW_SECONDS)
+        if tick > self._tick:
+            for t in range(max(self._tick + 1, tick - _BUCKETS + 1), tick + 1):
+                self._counts[t % _BUCKETS][:] = (0, 0, 0)
+            self._tick = tick
+        return self._tick
 
 
-class Pacer:
-    """Paces requests to ``rate`` per second and holds them all while the server asks us to.
+_COLUMN = {Answer.ACCEPTED: 0, Answer.THROTTLED_429: 1, Answer.THROTTLED_503: 2}
 
-    Every 429/503 pauses the whole client for its Retry-After. The rate also adapts (AIMD)
-    when the server is overloaded, i.e. when at least 10% of the last second's answers were
-    429/503 (a few scattered ones are the server's noise, not a signal to slow down): it drops
-    by 30% at most every 250 ms, and each calm second wins back 2% of the configured rate,
-    so the client settles just under what the server can take instead of hammering or
-    stalling.
-    """
 
-    def __init__(self, rate: float, *, window: float = WINDOW_SECONDS) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._window = window
-        self._paused_until = 0.0
-        self.max_rate = rate
-        self._min_rate = min(1.0, rate)
-        self._step = max(rate * INCREASE_SHARE, 0.1)
-        self._last_change = self._loop.time()
-        self._last_decrease = -DECREASE_GAP
-        self._sent: deque[float] = deque()
-        self._answers = _ShareWindow()
-        self._set_rate(rate)
+class ThrottleController:
+    """Decides the shared rate and the client-wide pause from the share of throttled answers."""
 
-    def _set_rate(self, rate: float) -> None:
-        self.rate = rate
-        burst = max(1, math.ceil(rate * CATCH_UP_SECONDS))
-        # Created inside the running loop (AsyncLimiter binds to the loop on first use).
-        self._bucket = AsyncLimiter(burst, burst / rate)
-        # Keeps the most recent send times, so a lower rate binds at once.
-        self._sent = deque(self._sent, maxlen=max(1, math.floor(rate)))
-        self._last_change = self._loop.time()
+    def __init__(self, max_rate: float, *, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.max_rate = max_rate
+        self.min_rate = min(1.0, max_rate)
+        self.rate = max_rate
+        self.paused_until = 0.0
+        self.paused_total = 0.0  # seconds every request was held, for the summary
+        self.probing = False  # after a pause: only PROBES requests until one is answered
+        self.probes_out = 0
+        self.note = ""  # why the client is paused, for the progress line
+        self._window = _Window()
+        # A slow client sees fewer answers a second: judge it from what it can see.
+        self._cut_min = max(_FEWEST, min(CUT_MIN, round(max_rate / 2)))
+        self._saturated_min = max(_FEWEST, min(SATURATED_MIN, round(max_rate * 0.3)))
+        self._started = clock()
+        self._last_cut = -math.inf
+        self._w_max = max_rate  # the rate at the last cut (CUBIC's plateau)
+        self._k = 0.0  # seconds of calm CUBIC needs to climb back to _w_max
+        self._calm = 0.0  # seconds of calm since the last cut
+        self._last_tick = self._started
+        self._paused_from = 0.0
+        self._pauses: list[tuple[float, float]] = []  # (start, end) of each ended pause
 
-    def answered(self) -> None:
-        """One answer that was not a 429/503 (for the overload share)."""
-        self._answers.add(self._loop.time(), False)
+    # -- what the pacer asks ----------------------------------------------------------------
 
-    def throttled(self, retry_after: float) -> None:
-        """The server said 429/503: pause everyone, and lower the rate if it is overloaded."""
-        self.pause(retry_after)
-        now = self._loop.time()
-        self._answers.add(now, True)
-        if (
-            now - self._last_decrease >= DECREASE_GAP
-            and self.rate > self._min_rate
-            and self._answers.share(now) >= OVERLOAD_SHARE
+    def tick(self) -> None:
+        """Let calm time pass: win the rate back along the CUBIC curve (called by the pacer)."""
+        now = self._clock()
+        elapsed, self._last_tick = now - self._last_tick, now
+        if self.rate >= self.max_rate or now < self.paused_until or self.probing:
+            return
+        accepted, t429, t503 = self._window.totals(now)
+        total = accepted + t429 + t503
+        if total and (t429 >= HOLD_SHARE * total or t503 >= CALM_SHARE_503 * total):
+            return  # hold: a few are being throttled; growing would make it more
+        self._calm += elapsed
+        grown = _CUBIC(self._calm, self._w_max, self._k)
+        self.rate = min(self.max_rate, max(self.rate, grown))
+
+    def may_probe(self) -> bool:
+        """While probing: True (and counted) if one more probe may go now."""
+        if self.probes_out >= PROBES:
+            return False
+        self.probes_out += 1
+        return True
+
+    # -- what the scheduler tells -----------------------------------------------------------
+
+    def record(
+        self, answer: Answer, retry_after: float | None = None, *, probe: bool = False
+    ) -> None:
+        """One request finished with ``answer``; ``probe`` if it was sent as a probe."""
+        now = self._clock()
+        if probe:
+            self.probes_out -= 1
+        if answer is Answer.NONE:
+            return
+        self._window.add(now, _COLUMN[answer])
+        if answer is Answer.ACCEPTED:
+            if self.probing and probe:
+                self._resume(now)
+            return
+        wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+        if self.probing:  # paused, or probing after a pause
+            if probe:  # still saturated: wait again for what it says
+                self._pause(now, wait, f"a probe was answered {answer.value}")
+            elif now < self.paused_until:
+                # Answers to requests sent before the pause: the server may push it out.
+                self.paused_until = max(self.paused_until, now + wait)
+            return
+        window = self._window
+        accepted, t429, t503 = window.totals(now)
+        total = accepted + t429 + t503
+        recent_ok, recent_429, recent_503 = window.totals(now, _SATURATED_BUCKETS)
+        recent = recent_ok + recent_429 + recent_503
+        if recent < self._saturated_min:  # too few in 300 ms: judge the whole second instead
+            recent_ok, recent_429, recent_503, recent = accepted, t429, t503, total
+        if recent >= self._saturated_min and recent_ok <= SATURATED_ACCEPTED * recent:
+            kind = "429" if recent_429 >= recent_503 else "503"
+            share = (recent - recent_ok) / recent
+            self._pause(now, wait, f"{kind} on {share:.0%} of the last {recent} answers")
+            if accepted:  # some got through this second: that much the server takes
+                self._cut(now, accepted, gap=0.0)  # a saturated server is news: no wait
+        elif total >= self._cut_min and (
+            t429 >= CUT_SHARE_429 * total or t503 >= CUT_SHARE_503 * total
         ):
-            self._last_decrease = now
-            self._set_rate(max(self._min_rate, self.rate * DECREASE_FACTOR))
+            self._cut(now, accepted)
 
-    def _recover(self, now: float) -> None:
-        if self.rate < self.max_rate and now - self._last_change >= 1.0:
-            calm = now - self._last_decrease >= 1.0
-            if calm:
-                self._set_rate(min(self.max_rate, self.rate + self._step))
+    def pauses(self, now: float) -> list[tuple[float, float]]:
+        """(start, end) clock times of every client-wide pause so far, one under way included."""
+        if not self.probing:
+            return list(self._pauses)
+        return [*self._pauses, (self._paused_from, min(now, self.paused_until))]
 
-    def pause(self, seconds: float) -> None:
-        """Hold every request for ``seconds`` from now (Retry-After applies to the whole client)."""
-        self._paused_until = max(self._paused_until, self._loop.time() + seconds)
+    def paused_seconds(self) -> float:
+        """Seconds every request was held so far, the pause under way included."""
+        if not self.probing:
+            return self.paused_total
+        now = self._clock()
+        return self.paused_total + max(0.0, min(now, self.paused_until) - self._paused_from)
 
-    async def acquire(self) -> None:
-        """Wait until one more request may be sent now."""
-        await self._wait_pause()
-        self._recover(self._loop.time())
-        await self._bucket.acquire()
-        while True:
-            sent = self._sent  # re-read: a rate change replaces it
-            now = self._loop.time()
-            if now < self._paused_until:
-                await self._wait_pause()
-                continue
-            if len(sent) < (sent.maxlen or 1) or now - sent[0] >= self._window:
-                sent.append(now)
-                return
-            await asyncio.sleep(sent[0] + self._window - now)
+    # -- decisions --------------------------------------------------------------------------
 
-    async def _wait_pause(self) -> None:
-        # A loop, not an Event: a later 429 may push the deadline out while we sleep.
-        while (left := self._paused_until - self._loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(left)
+    def _cut(self, now: float, accepted: int, gap: float = CUT_GAP) -> None:
+        """Cut toward what the server accepted in the window, at most once every ``gap``."""
+        if now - self._last_cut < gap or not accepted:
+            return  # nothing accepted yet: no capacity to cut toward (saturation may follow)
+        # The answers span less than the window early on (or after a pause): scale up what
+        # it holds. A server that admits its capacity at the start of each second looks
+        # faster than it is at first; the next cut, half a second on, corrects that.
+        seen = min(WINDOW_SECONDS, max(now - self._window.since, MIN_MEASURE_SECONDS))
+        accepted_rate = accepted / seen
+        new = max(self.min_rate, MAX_CUT * self.rate, BETA * min(self.rate, accepted_rate))
+        if new >= self.rate:
+            return
+        self._last_cut = now
+        self._w_max = new / BETA
+        self._k = math.cbrt(self._w_max * (1 - BETA) / CUBIC_C)
+        self._calm = 0.0
+        log.info("throttled: rate %.0f/s -> %.0f/s (the server accepted %.0f/s)",
+                 self.rate, new, accepted_rate)  # fmt: skip
+        self.rate = new
+
+    def _pause(self, now: float, wait: float, why: str) -> None:
+        if not self.probing:
+            self._paused_from = now
+        self.paused_until = max(self.paused_until, now + wait)
+        self.probing = True  # what follows the pause
+        self.note = f"paused {wait:.0f} s: {why}"
+        log.warning("%s", self.note)
+
+    def _resume(self, now: float) -> None:
+        self.paused_total = self.paused_seconds()
+        self._pauses.append((self._paused_from, min(now, self.paused_until)))
+        self.probing = False
+        self.note = ""
+        self._window.clear()  # the saturated window says nothing about the server now
+        self._last_tick = now
+        log.info("resumed after a pause: a probe was answered")
+
+
+def _CUBIC(calm: float, w_max: float, k: float) -> float:
+    """CUBIC's window: ``BETA * w_max`` at 0, back to ``w_max`` after ``k`` s, growing past it."""
+    return CUBIC_C * (calm - k) ** 3 + w_max

@@ -19,28 +19,17 @@ from typing import Any
 
 import orjson
 
+from .errors import worst_code
 from .ids import IdReader
 from .metrics import RunStats
 from .progress import Progress
-from .runner import (
-    EXIT_AUTH,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_OUTPUT,
-    EXIT_UNRESOLVED,
-    EXIT_USAGE,
-    RunResult,
-    save_report,
-)
+from .report import RunResult, new_run_id, save_report
 from .settings import RunSettings
 from .shard import Shard
-from .sink import new_run_id
 
-# The worst outcome decides the merged exit code.
-_SEVERITY = [EXIT_AUTH, EXIT_OUTPUT, EXIT_USAGE]
-_MILD = [EXIT_INTERRUPTED, EXIT_UNRESOLVED, EXIT_OK]
 # The counters a child reports, summed across workers (in flight is a live figure, not a total).
 _SUMMED = tuple(name for name in RunStats().counters() if name != "in_flight")
+REPORT_INTERVAL = 0.5  # seconds between a child's counter lines
 
 
 def _check_input(settings: RunSettings) -> int:
@@ -49,22 +38,6 @@ def _check_input(settings: RunSettings) -> int:
     reader.open()
     reader.close()
     return max(1, round(reader.count_lines() / settings.shard.count))
-
-
-def worst(codes: list[int]) -> int:
-    """The exit code that matters most among the workers'.
-
-    A worker killed by a signal (a negative return code, say -9 from the OOM killer) is
-    reported the shell's way, 128 + signal, and outranks the mild codes: it is never success.
-    """
-    codes = [128 - code if code < 0 else code for code in codes]
-    for code in _SEVERITY:
-        if code in codes:
-            return code
-    unknown = [code for code in codes if code not in _MILD]
-    if unknown:
-        return max(unknown)
-    return next(code for code in _MILD if code in codes)
 
 
 def child_argv(argv: list[str], shard: Shard, settings: RunSettings, workers: int) -> list[str]:
@@ -166,7 +139,7 @@ class WorkerPool:
             errors.update(final.get("errors", {}))
             merged.latency.merge(final.get("latency_buckets", {}), final["latency_ms"]["max"])
         merged.errors = errors
-        code = worst(codes)
+        code = worst_code(codes)
         run_id = new_run_id()
         summary = merged.summary(
             elapsed,
@@ -178,9 +151,20 @@ class WorkerPool:
             exit_code=code,
         )
         summary["peak_rss_mb"] = round(sum(f.get("peak_rss_mb", 0.0) for f in finals), 1)
+        # Each worker paces and pauses on its own: the longest pause is what a user waited.
+        summary["paused_s"] = max((f.get("paused_s", 0.0) for f in finals), default=0.0)
         save_report(self._settings.out_dir, run_id, summary)
         message = None if len(finals) == self._workers else "a worker ended without a summary"
         return RunResult(code, summary, message)
+
+
+async def report_counters(stats: RunStats) -> None:
+    """In a ``--workers`` child: counters as JSON lines on stdout, for the parent's display."""
+    while True:
+        await asyncio.sleep(REPORT_INTERVAL)
+        line = orjson.dumps({"progress": stats.counters()}) + b"\n"
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
 
 
 async def run_workers(argv: list[str], settings: RunSettings, workers: int) -> RunResult:

@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from harvester.client import validate_completion
 from harvester.dataset import open_dataset
+from harvester.model import TARGETING_FIELDS, Completion
 from harvester.settings import RunSettings
-from harvester.simulator import Simulator
+from harvester.sim import Simulator
 
 TOKEN = "test-token-7f3a9c"  # distinctive, so tests can grep outputs for it
 
@@ -26,6 +28,29 @@ def make_ids(count: int, seed: int = 1) -> list[str]:
     """Reproducible canonical uuids."""
     rng = random.Random(seed)
     return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(count)]
+
+
+def api_document(model: str = "chatgpt", **changes: Any) -> dict[str, Any]:
+    """A Completion as the API sends it: every field of the spec (targeting null), with
+    ``changes`` applied; a name beyond the spec is an extra field."""
+    doc: dict[str, Any] = {
+        "model": model,
+        "query": "q",
+        "html": "<html></html>",
+        "prompt": "p",
+        "completion": "c",
+        "sources": "[]",
+        "ads": "[]",
+        "fanouts": ["f"],
+        **dict.fromkeys(TARGETING_FIELDS),
+    }
+    doc.update(changes)
+    return doc
+
+
+def completion(model: str = "chatgpt", **changes: Any) -> Completion:
+    """The same document as the client hands it to the sink (validated, extras as JSON)."""
+    return validate_completion(api_document(model, **changes))
 
 
 def write_csv(path: Path, values: list[str], header: str | None = "id") -> Path:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import orjson
 
-from harvester.runner import EXIT_OK, harvest
-from harvester.simulator import PROFILES, Simulator
+from harvester.errors import ExitCode
+from harvester.runner import harvest
+from harvester.sim import PROFILES, Simulator
 
 from .conftest import TOKEN, fast_settings, make_ids, write_csv
 
@@ -27,7 +28,7 @@ async def test_rate_settles_near_the_server_capacity(tmp_path: Path) -> None:
         result = await harvest(fast_settings(path, out, sim.base_url, rate=rate))
         elapsed = time.monotonic() - started
     s = result.summary
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert s["completed"] + s["failed"] == count
     assert s["throttled"] > 0  # the server did push back
     assert s["throttled"] < 0.5 * s["requests"]  # ... and the client listened
@@ -35,4 +36,4 @@ async def test_rate_settles_near_the_server_capacity(tmp_path: Path) -> None:
     [timeline_file] = (out / "_harvester" / "timelines").glob("*.json")
     timeline = orjson.loads(timeline_file.read_bytes())
     assert min(timeline["rate"]) < capacity  # the allowed rate came down below capacity
-    assert len(timeline["requests"]) == len(timeline["throttled"]) == len(timeline["rate"])
+    assert len(timeline["requests"]) == len(timeline["throttled_429"]) == len(timeline["rate"])

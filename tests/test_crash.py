@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harvester.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, harvest
-from harvester.simulator import PROFILES, Simulator, expected_completion
+from harvester.errors import ExitCode
+from harvester.runner import harvest
+from harvester.sim import PROFILES, Simulator, expected_completion
 
 from .conftest import (
     TOKEN,
@@ -111,9 +112,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 HANGING_SIMULATOR = """
 import asyncio, sys
 from dataclasses import replace
-from harvester.simulator import PROFILES, Simulator
+from harvester.sim import PROFILES, Simulator
 async def main() -> None:
-    profile = replace(PROFILES["instant"], name="hanging", slow_rate=0.3, slow_s=(20.0, 30.0))
+    profile = replace(PROFILES["instant"], name="hanging", slow_share=0.3, slow_s=(20.0, 30.0))
     async with Simulator(token=sys.argv[1], profile=profile, seed=int(sys.argv[2])) as sim:
         print(f"simulator listening on {sim.base_url}", file=sys.stderr, flush=True)
         await asyncio.Event().wait()
@@ -251,13 +252,13 @@ def test_kill_9_at_random_instants_then_rerun_is_exactly_once(
         for _ in range(5):
             code, _summary = finish(children.start(argv), timeout=90)
             codes.append(code)
-            if code == EXIT_OK:
+            if code == ExitCode.OK:
                 break
     assert len(visible) >= 3
     assert visible == sorted(visible), "a committed row disappeared after a kill"
     assert max(visible) > 0, "some kills should land after rows were committed"
     assert visible[0] < len(ids), "the first kill should land mid-run"
-    assert codes[-1] == EXIT_OK, codes
+    assert codes[-1] == ExitCode.OK, codes
     assert assert_readable(out) == len(ids)
     assert_exactly_once(out, ids, seed, "chaos")
     assert not list(out.rglob(".part-*.tmp"))
@@ -279,17 +280,17 @@ def test_sigterm_commits_exits_130_and_a_rerun_finishes(tmp_path: Path, children
         stopped = time.monotonic()
         code, summary = finish(proc, timeout=20)
         took = time.monotonic() - stopped
-    assert code == EXIT_INTERRUPTED
+    assert code == ExitCode.INTERRUPTED
     assert took < 12
     assert summary is not None
-    assert summary["exit_code"] == EXIT_INTERRUPTED
+    assert summary["exit_code"] == ExitCode.INTERRUPTED
     assert summary["unresolved"] > 0
     assert assert_readable(out) == summary["rows_written"] > 0
     assert_rows_correct(out, seed, "realistic")
     # The rerun meets the same content without the faults, scaled down so it ends quickly.
     with ThreadedSimulator(profile=CALM, seed=seed, time_scale=0.002) as sim:
         code, summary = finish(children.start(run_argv(path, out, sim.base_url)), timeout=60)
-    assert code == EXIT_OK
+    assert code == ExitCode.OK
     assert summary is not None
     assert summary["already_done"] > 0
     assert_exactly_once(out, ids, seed, "realistic")
@@ -312,16 +313,16 @@ def test_sigterm_to_a_workers_parent_stops_every_worker_with_130(
         stopped = time.monotonic()
         code, summary = finish(proc, timeout=20)
         took = time.monotonic() - stopped
-    assert code == EXIT_INTERRUPTED
+    assert code == ExitCode.INTERRUPTED
     assert took < 12
     assert summary is not None
-    assert (summary["exit_code"], summary["workers"]) == (EXIT_INTERRUPTED, 2)
+    assert (summary["exit_code"], summary["workers"]) == (ExitCode.INTERRUPTED, 2)
     assert summary["unresolved"] > 0
     assert assert_readable(out) == summary["rows_written"] > 0
     assert_rows_correct(out, seed, "realistic")
     with ThreadedSimulator(profile=CALM, seed=seed, time_scale=0.002) as sim:
         code, _ = finish(children.start(run_argv(path, out, sim.base_url, *argv)), timeout=60)
-    assert code == EXIT_OK
+    assert code == ExitCode.OK
     assert_exactly_once(out, ids, seed, "realistic")
 
 
@@ -338,7 +339,7 @@ def test_interrupted_summary_still_accounts_for_every_unique_id(
         wait_until(lambda: bool(data_files(out)), 30, "the first committed file")
         proc.send_signal(signal.SIGTERM)
         code, s = finish(proc, timeout=20)
-    assert code == EXIT_INTERRUPTED
+    assert code == ExitCode.INTERRUPTED
     assert s is not None
     parts = ("already_done", "completed", "failed", "invalid", "unresolved")
     assert s["unique_ids"] == sum(s[name] for name in parts), {k: s[k] for k in parts}
@@ -365,16 +366,16 @@ def test_second_sigint_stops_at_once_and_keeps_committed_rows(
         stopped = time.monotonic()
         code, summary = finish(proc, timeout=20)
         took = time.monotonic() - stopped
-    assert code == EXIT_INTERRUPTED
+    assert code == ExitCode.INTERRUPTED
     assert took < 3, f"the second SIGINT took {took:.1f} s"
     assert summary is not None
-    assert summary["exit_code"] == EXIT_INTERRUPTED
+    assert summary["exit_code"] == ExitCode.INTERRUPTED
     assert before <= {p.name for p in data_files(out)}
     assert assert_readable(out) == summary["rows_written"] > 0
     assert_rows_correct(out, seed, "instant")
     with ThreadedSimulator(profile="instant", seed=seed) as sim:
         code, _summary = finish(children.start(run_argv(path, out, sim.base_url)), timeout=60)
-    assert code == EXIT_OK
+    assert code == ExitCode.OK
     assert_exactly_once(out, ids, seed, "instant")
 
 
@@ -395,7 +396,7 @@ async def test_stray_files_and_empty_directories_are_harmless(tmp_path: Path) ->
     async with Simulator(token=TOKEN, profile="instant", seed=3) as sim:
         first = await harvest(fast_settings(path, out, sim.base_url))
         second = await harvest(fast_settings(path, out, sim.base_url))
-    assert first.exit_code == second.exit_code == EXIT_OK
+    assert first.exit_code == second.exit_code == ExitCode.OK
     assert second.summary["already_done"] == len(ids)
     assert not stray_tmp.exists()
     assert (out / "notes.txt").exists()
@@ -412,7 +413,7 @@ def test_an_empty_out_directory_is_fine(tmp_path: Path, children: Children) -> N
     path = write_csv(tmp_path / "ids.csv", ids)
     with ThreadedSimulator(profile="instant", seed=4) as sim:
         code, _ = finish(children.start(run_argv(path, out, sim.base_url)), timeout=60)
-    assert code == EXIT_OK
+    assert code == ExitCode.OK
     assert_exactly_once(out, ids, 4, "instant")
 
 
@@ -440,13 +441,13 @@ def test_same_shard_twice_at_once_is_refused(tmp_path: Path, children: Children)
         assert first.poll() is None
         first.send_signal(signal.SIGTERM)
         code, _ = finish(first, timeout=20)
-    assert second.returncode == EXIT_USAGE
+    assert second.returncode == ExitCode.USAGE
     err = second.stderr.decode().strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("harvester: error:")
     assert "shard 2/3" in err[0]
     assert second.stdout == b""
-    assert code == EXIT_INTERRUPTED
+    assert code == ExitCode.INTERRUPTED
 
 
 def test_different_shards_at_once_both_succeed(tmp_path: Path, children: Children) -> None:
@@ -463,7 +464,7 @@ def test_different_shards_at_once_both_succeed(tmp_path: Path, children: Childre
         assert first.poll() is None
         assert second.poll() is None
         (code0, s0), (code1, s1) = finish(first, timeout=60), finish(second, timeout=60)
-    assert (code0, code1) == (EXIT_OK, EXIT_OK)
+    assert (code0, code1) == (ExitCode.OK, ExitCode.OK)
     assert s0 is not None
     assert s1 is not None
     assert s0["unique_ids"] + s1["unique_ids"] == len(ids)
@@ -484,8 +485,8 @@ def test_overlapping_shards_at_once_do_not_write_an_id_twice(
         whole = children.start(run_argv(path, out, sim.base_url))
         half = children.start(run_argv(path, out, sim.base_url, "--shard", "0/2"))
         codes = [finish(whole, timeout=60)[0], finish(half, timeout=60)[0]]
-    assert EXIT_OK in codes
-    assert set(codes) <= {EXIT_OK, EXIT_USAGE}
+    assert ExitCode.OK in codes
+    assert set(codes) <= {ExitCode.OK, ExitCode.USAGE}
     counts = Counter(str(i) for i in read_hive(out).column("id").to_pylist())
     repeated = sum(1 for n in counts.values() if n > 1)
     assert repeated == 0, f"{repeated} ids written twice by overlapping shards (codes {codes})"

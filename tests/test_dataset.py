@@ -24,10 +24,13 @@ from harvester.dataset import (
     partition_value,
     uuid_keys,
 )
-from harvester.errors import SinkError
+from harvester.errors import OutputError
 from harvester.ids import invalid_key, uuid_key
 from harvester.idset import Keys, as_keys
+from harvester.model import Completion, Kind
 from harvester.sink import ParquetSink
+
+from .conftest import completion
 
 DAY = "2024-05-01"
 HOSTILE = [
@@ -61,22 +64,6 @@ PLAIN = ["chatgpt", "gemini", "perplexity", "copilot", "gpt-4o", "claude_3.5", "
 def some_uuids(count: int, salt: int = 0) -> list[str]:
     """``count`` reproducible canonical uuids."""
     return [str(uuid.UUID(int=(salt << 64) + n * 7919 + 1)) for n in range(count)]
-
-
-def completion(model: str = "chatgpt", **extra: Any) -> dict[str, Any]:
-    """A minimal valid Completion for ``model``, with any extra fields."""
-    doc: dict[str, Any] = {
-        "model": model,
-        "query": "q",
-        "html": "<html></html>",
-        "prompt": "p",
-        "completion": "c",
-        "sources": "[]",
-        "ads": "[]",
-        "fanouts": ["f"],
-    }
-    doc.update(extra)
-    return doc
 
 
 def assert_safe_segment(segment: str) -> None:
@@ -262,19 +249,19 @@ _GOOD = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
     ],
 )
 def test_uuid_keys_rejects_non_canonical(bad: str | None) -> None:
-    """Any non-canonical id among canonical ones raises ``SinkError``."""
-    with pytest.raises(SinkError):
+    """Any non-canonical id among canonical ones raises ``OutputError``."""
+    with pytest.raises(OutputError):
         uuid_keys(pa.array([*some_uuids(3), bad, *some_uuids(2, salt=1)], type=pa.string()))
 
 
 # -- load_done and the sink's files ----------------------------------------------------------
 
 
-async def write_rows(root: Path, rows: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+async def write_rows(root: Path, rows: list[tuple[str, str, Completion | None]]) -> None:
     """Commit ``rows`` (id, status, doc) through a ``ParquetSink``."""
     sink = ParquetSink(root, run_id="r")
     for conversation_id, status, doc in rows:
-        sink.add(conversation_id, status, doc, 1)
+        sink.add(conversation_id, Kind(status), doc, 1)
     await sink.flush()
 
 
@@ -288,7 +275,7 @@ async def test_load_done_returns_exactly_the_written_keys(tmp_path: Path) -> Non
     completed = some_uuids(20, salt=1)
     failed = some_uuids(5, salt=2)
     invalid = ["junk", "", "x" * 1024, "日本", "3F2504E0"]
-    rows: list[tuple[str, str, dict[str, Any] | None]] = []
+    rows: list[tuple[str, str, Completion | None]] = []
     rows += [
         (cid, "completed", completion("chatgpt" if n % 2 else "gemini"))
         for n, cid in enumerate(completed)
@@ -310,11 +297,11 @@ async def test_load_done_over_several_flushes_and_days(tmp_path: Path) -> None:
     sink = ParquetSink(tmp_path, run_id="r", clock=lambda: clock_now[0])
     first, second = some_uuids(10, salt=4), some_uuids(10, salt=5)
     for cid in first:
-        sink.add(cid, "completed", completion(), 1)
+        sink.add(cid, Kind.COMPLETED, completion(), 1)
     await sink.flush()
     clock_now[0] += 86_400 * 2
     for cid in second:
-        sink.add(cid, "completed", completion("copilot"), 2)
+        sink.add(cid, Kind.COMPLETED, completion("copilot"), 2)
     await sink.flush()
     dates = sorted(p.name for p in tmp_path.iterdir())
     assert len(dates) == 2
@@ -344,9 +331,9 @@ async def test_hidden_temporary_and_meta_files_are_ignored(tmp_path: Path) -> No
 
 
 async def test_load_done_rejects_non_uuid_in_completed_row(tmp_path: Path) -> None:
-    """A completed row whose id is not canonical makes ``load_done`` raise ``SinkError``."""
+    """A completed row whose id is not canonical makes ``load_done`` raise ``OutputError``."""
     await write_rows(tmp_path, [("NOT-A-UUID", "completed", completion())])
-    with pytest.raises(SinkError):
+    with pytest.raises(OutputError):
         load_done(tmp_path)
 
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harvester.cli import main
-from harvester.errors import InputError
+from harvester.errors import ExitCode, InputError
 from harvester.ids import IdReader
-from harvester.runner import EXIT_OK, harvest
+from harvester.runner import harvest
 
 from .conftest import TOKEN, ThreadedSimulator, fast_settings, make_ids, read_rows
 
@@ -67,7 +67,7 @@ def test_hostile_csv_is_parsed_as_documented(tmp_path: Path) -> None:
 
 async def test_hostile_csv_harvest_counts(tmp_path: Path) -> None:
     """The whole run: each unique id once, duplicates counted, junk as invalid rows."""
-    from harvester.simulator import Simulator
+    from harvester.sim import Simulator
 
     ids = make_ids(200)
     path = tmp_path / "hostile.csv"
@@ -75,7 +75,7 @@ async def test_hostile_csv_harvest_counts(tmp_path: Path) -> None:
     async with Simulator(token=TOKEN, profile="instant") as sim:
         result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
     s = result.summary
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert s["unique_ids"] == 203
     assert s["invalid"] == 3
     assert s["duplicates"] == 20

@@ -68,11 +68,11 @@ def test_contains_after_adds() -> None:
     assert ids.contains(probe).tolist() == [n < 40 for n in range(50)]
 
 
-def test_update_allows_repeats_and_known_keys() -> None:
-    """``update`` adds new keys and ignores repeats and keys already present."""
+def test_add_new_allows_repeats_and_known_keys() -> None:
+    """``add_new`` adds new keys and ignores repeats and keys already present."""
     ids = IdSet()
-    ids.update(as_keys([key(1), key(1)]))
-    ids.update(as_keys([key(1), key(2)]))
+    ids.add_new(as_keys([key(1), key(1)]))
+    ids.add_new(as_keys([key(1), key(2)]))
     assert len(ids) == 2
     assert ids.contains(as_keys([key(1), key(2), key(3)])).tolist() == [True, True, False]
 
@@ -166,7 +166,7 @@ def test_add_new_matches_set_oracle_with_collisions(batches: list[list[bytes]]) 
 
 
 def test_done_set_meet_tells_first_sightings_from_repeats() -> None:
-    """meet(): done keys are found, each counted fresh once across batches; others are not."""
+    """mark_met(): done keys are found, each counted fresh once across batches; others are not."""
     rng = random.Random(3)
     done_keys = [rng.randbytes(16) for _ in range(2000)]
     # Keys sharing their first 8 bytes, to walk the exact path too.
@@ -179,7 +179,7 @@ def test_done_set_meet_tells_first_sightings_from_repeats() -> None:
     done_total = 0
     for start in range(0, len(stream), 333):
         batch = stream[start : start + 333]
-        is_done, first = done.meet(as_keys(batch))
+        is_done, first = done.mark_met(as_keys(batch))
         assert [k in set(done_keys) for k in batch] == is_done.tolist()
         assert not (first & ~is_done).any()
         fresh_total += int(first.sum())

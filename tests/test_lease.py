@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from harvester.errors import UsageError
+from harvester.errors import ExitCode, UsageError
 from harvester.lease import RunLease, clean_stale_temporaries
-from harvester.runner import EXIT_OUTPUT, EXIT_USAGE, harvest
+from harvester.report import new_run_id
+from harvester.runner import harvest
 from harvester.shard import Shard
-from harvester.sink import new_run_id
 
 from .conftest import TOKEN, fast_settings, make_ids, write_csv
 
@@ -167,7 +167,7 @@ def test_out_that_is_a_regular_file_fails_with_one_line(tmp_path: Path) -> None:
         check=False,
     )  # fmt: skip
     err = done.stderr.strip().splitlines()
-    assert done.returncode in (EXIT_USAGE, EXIT_OUTPUT), done.stderr[-2000:]
+    assert done.returncode in (ExitCode.USAGE, ExitCode.OUTPUT), done.stderr[-2000:]
     assert len(err) == 1, err
     assert err[0].startswith("harvester:")
     assert str(out) in err[0]

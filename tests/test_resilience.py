@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks._common import free_port, simulator
-from harvester.runner import EXIT_OK, harvest
-from harvester.simulator import PROFILES, Simulator
+from harvester.errors import ExitCode
+from harvester.runner import harvest
+from harvester.sim import PROFILES, Simulator
 
 from .conftest import TOKEN, fast_settings, make_ids, read_rows, write_csv
 
@@ -43,7 +44,7 @@ async def test_run_survives_a_server_restart(tmp_path: Path) -> None:
     s = result.summary
     assert served_before > 0
     assert served_after > 0
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert s["completed"] + s["failed"] == len(ids)
     assert s["errors"].get("connect_error", 0) > 0  # the outage was seen...
     assert sorted(read_rows(tmp_path / "out").column("id").to_pylist()) == sorted(ids)
@@ -71,7 +72,7 @@ async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
         result = await harvest(settings)
         server = await asyncio.to_thread(server_stats, url)
     s = result.summary
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert s["completed"] + s["failed"] == count
     assert s["requests"] == count
     assert server["peak_in_flight"] > count // 2  # loose: thousands really were in flight
@@ -88,7 +89,7 @@ def test_sigterm_during_a_long_retry_after_pause_stops_at_once(tmp_path: Path) -
     from .conftest import ThreadedSimulator
 
     profile = dataclasses.replace(
-        PROFILES["instant"], name="throttling", throttle_429_rate=0.9, retry_after_s=(120, 120)
+        PROFILES["instant"], name="throttling", throttle_429_share=0.9, retry_after_s=(120, 120)
     )
     path = write_csv(tmp_path / "ids.csv", make_ids(50))
     with ThreadedSimulator(profile=profile) as sim:
@@ -108,19 +109,3 @@ def test_sigterm_during_a_long_retry_after_pause_stops_at_once(tmp_path: Path) -
     assert proc.returncode == 130
     assert took < 5  # not the 10 s grace, let alone the 120 s pause
     assert json.loads(out)["exit_code"] == 130
-
-
-async def test_a_signal_after_every_id_is_done_does_not_mark_the_run_interrupted(
-    tmp_path: Path,
-) -> None:
-    """A SIGTERM during the final commit, with every id terminal, leaves the exit code alone."""
-    import signal
-
-    from harvester.runner import Run
-
-    run = Run(fast_settings(tmp_path / "ids.csv", tmp_path / "out", "http://127.0.0.1:9"), None)
-    finished = asyncio.get_running_loop().create_future()
-    finished.set_result(None)
-    run._task = finished  # type: ignore[assignment]  # the scheduler has returned
-    run._on_signal(signal.SIGTERM)
-    assert run._interrupted == 0

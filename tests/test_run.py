@@ -15,30 +15,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from harvester.runner import EXIT_AUTH, EXIT_OK, EXIT_UNRESOLVED, harvest
-from harvester.simulator import NO_CREDIT_TOKEN, PROFILES, Simulator, expected_completion
+from harvester.errors import ExitCode
+from harvester.runner import harvest
+from harvester.sim import NO_CREDIT_TOKEN, PROFILES, Simulator, expected_completion
 
-from .conftest import TOKEN, fast_settings, make_ids, read_hive, read_rows, write_csv
+from .conftest import TOKEN, api_document, fast_settings, make_ids, read_hive, read_rows, write_csv
 
 SimFactory = Callable[..., Simulator]
-
-
-def completion(model: str = "chatgpt", **extra: Any) -> dict[str, Any]:
-    """A minimal valid Completion body."""
-    doc: dict[str, Any] = {
-        "model": model,
-        "query": "q",
-        "html": "<html>h</html>",
-        "prompt": "p",
-        "completion": "c",
-        "sources": "s",
-        "ads": "a",
-        "fanouts": ["f1", "f2"],
-        "device": None,
-        "country": "us",
-    }
-    doc.update(extra)
-    return doc
 
 
 Reply = Callable[[], web.StreamResponse]
@@ -100,7 +83,7 @@ async def test_instant_run_writes_one_row_per_id_with_served_content(
     async with sim_factory(profile="instant", seed=7) as sim:
         result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
     s = result.summary
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert s["unique_ids"] == 400
     assert s["completed"] + s["failed"] == 400
     rows = read_rows(tmp_path / "out")
@@ -151,7 +134,7 @@ async def test_retrieving_ids_are_polled_again_until_ready(
     path = write_csv(tmp_path / "ids.csv", make_ids(60))
     async with sim_factory(profile=calm, time_scale=0.003) as sim:
         result = await harvest(fast_settings(path, tmp_path / "out", sim.base_url))
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     polls = read_rows(tmp_path / "out").column("polls").to_pylist()
     assert len(polls) == 60
     assert max(polls) > 1
@@ -192,21 +175,21 @@ async def test_every_outcome_against_a_scripted_server(
     """Each kind of answer leads to the documented outcome and nothing wrong is stored."""
     ids = make_ids(9)
     script = {
-        ids[0]: [ok(completion("gemini"))],
-        ids[1]: [status("retrieving"), status("retrieving"), ok(completion("copilot"))],
+        ids[0]: [ok(api_document("gemini"))],
+        ids[1]: [status("retrieving"), status("retrieving"), ok(api_document("copilot"))],
         ids[2]: [status("failed")],
         ids[3]: [text(422, "Character counts must be no more than 255")],
-        ids[4]: [text(500), text(504), ok(completion())],
-        ids[5]: [text(429, "slow down", **{"Retry-After": "0.05"}), ok(completion())],
-        ids[6]: [raw(200, b'{"model": "chatgpt", "qu', "application/json"), ok(completion())],
-        ids[7]: [raw(200, b"<html></html>", "text/html"), ok(completion())],
-        ids[8]: [raw(200, b'{"model": 3}', "application/json"), ok(completion(extra_field=1))],
+        ids[4]: [text(500), text(504), ok(api_document())],
+        ids[5]: [text(429, "slow down", **{"Retry-After": "0.05"}), ok(api_document())],
+        ids[6]: [raw(200, b'{"model": "chatgpt", "qu', "application/json"), ok(api_document())],
+        ids[7]: [raw(200, b"<html></html>", "text/html"), ok(api_document())],
+        ids[8]: [raw(200, b'{"model": 3}', "application/json"), ok(api_document(extra_field=1))],
     }
     server = await scripted(script)
     path = write_csv(tmp_path / "ids.csv", ids)
     result = await harvest(fast_settings(path, tmp_path / "out", base_url(server)))
     s = result.summary
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert (s["completed"], s["failed"], s["invalid"], s["unresolved"]) == (7, 1, 1, 0)
     assert s["errors"] == {
         "bad_json": 1,
@@ -246,7 +229,7 @@ async def test_auth_and_credit_errors_stop_the_run_fast(
     started = time.monotonic()
     result = await harvest(fast_settings(path, tmp_path / "out", base_url(server), rate=100))
     assert time.monotonic() - started < 1.5
-    assert result.exit_code == EXIT_AUTH
+    assert result.exit_code == ExitCode.REFUSED
     assert result.message is not None
     assert needle in result.message
     assert TOKEN not in result.message
@@ -261,7 +244,7 @@ async def test_no_credit_from_the_simulator_exits_3(
     async with sim_factory(profile="instant", token=None) as sim:
         settings = fast_settings(path, tmp_path / "out", sim.base_url, token=NO_CREDIT_TOKEN)
         result = await harvest(settings)
-    assert result.exit_code == EXIT_AUTH
+    assert result.exit_code == ExitCode.REFUSED
     assert "402" in (result.message or "")
 
 
@@ -300,7 +283,7 @@ async def test_rerun_resumes_without_requests_or_duplicates(
     async with sim_factory(profile="instant") as sim:
         first = await harvest(fast_settings(path, out, sim.base_url))
         second = await harvest(fast_settings(path, out, sim.base_url))
-    assert first.exit_code == second.exit_code == EXIT_OK
+    assert first.exit_code == second.exit_code == ExitCode.OK
     assert second.summary["already_done"] == 151
     assert second.summary["requests"] == 0
     assert second.summary["files_written"] == 0
@@ -318,9 +301,9 @@ async def test_max_wait_leaves_ids_unresolved_and_a_rerun_finishes_them(
     async with sim_factory(profile=calm, time_scale=0.005) as sim:
         first = await harvest(fast_settings(path, out, sim.base_url, max_wait=0.03))
         second = await harvest(fast_settings(path, out, sim.base_url, max_wait=20.0))
-    assert first.exit_code == EXIT_UNRESOLVED
+    assert first.exit_code == ExitCode.UNRESOLVED
     assert first.summary["unresolved"] > 0
-    assert second.exit_code == EXIT_OK
+    assert second.exit_code == ExitCode.OK
     assert second.summary["already_done"] == 40 - first.summary["unresolved"]
     column = read_rows(out).column("id").to_pylist()
     assert sorted(column) == sorted(ids)
@@ -332,11 +315,11 @@ async def test_hostile_model_values_stay_inside_the_dataset(
     """Server-chosen model names never place a file outside DIR and read back intact."""
     models = ["../../x", "a/b", "..", "a\\b", "nul\x00byte", "é漢", "m" * 300]
     ids = make_ids(len(models))
-    server = await scripted({i: [ok(completion(m))] for i, m in zip(ids, models, strict=True)})
+    server = await scripted({i: [ok(api_document(m))] for i, m in zip(ids, models, strict=True)})
     out = tmp_path / "deep" / "out"
     path = write_csv(tmp_path / "ids.csv", ids)
     result = await harvest(fast_settings(path, out, base_url(server)))
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     files = list(tmp_path.rglob("*.parquet"))
     assert len(files) == len(models)
     assert all(out.resolve() in f.resolve().parents for f in files)
@@ -373,10 +356,10 @@ async def test_chaos_accounts_for_every_id_and_reruns_finish(
         assert s["completed"] + s["failed"] + s["invalid"] + s["unresolved"] == 1500
         codes = [first.exit_code]
         for _ in range(4):  # bounded: each rerun polls only what is still missing
-            if codes[-1] == EXIT_OK:
+            if codes[-1] == ExitCode.OK:
                 break
             codes.append((await harvest(settings)).exit_code)
-    assert codes[-1] == EXIT_OK
+    assert codes[-1] == ExitCode.OK
     rows = read_rows(out)
     assert rows.num_rows == 1500
     assert len(set(rows.column("id").to_pylist())) == 1500
@@ -388,7 +371,7 @@ async def test_rerun_does_not_poll_ids_the_api_called_invalid(
     """An id the API answered 422 for is done: a rerun neither polls it nor writes it again."""
     ids = make_ids(6)
     script = {i: [text(422, "Character counts must be no more than 255")] for i in ids[:3]}
-    script.update({i: [ok(completion())] for i in ids[3:]})
+    script.update({i: [ok(api_document())] for i in ids[3:]})
     server = await scripted(script)
     path = write_csv(tmp_path / "ids.csv", [*ids, "not-a-uuid"])
     out = tmp_path / "out"
@@ -428,7 +411,7 @@ async def test_resume_on_a_dataset_built_elsewhere(tmp_path: Path, sim_factory: 
     async with sim_factory(profile="instant") as sim:
         result = await harvest(fast_settings(path, out, sim.base_url))
         served = sim.stats.requests
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert result.summary["already_done"] == 3000
     assert served == 120
     ids = read_rows(out).column("id").to_pylist()
@@ -441,12 +424,12 @@ async def test_long_non_ascii_models_keep_the_dataset_readable(
     """A long emoji or CJK model is shortened on whole characters: every reader still works."""
     models = ["a" + "😀" * 30, "漢" * 40, "é" * 100]
     ids = make_ids(len(models))
-    server = await scripted({i: [ok(completion(m))] for i, m in zip(ids, models, strict=True)})
+    server = await scripted({i: [ok(api_document(m))] for i, m in zip(ids, models, strict=True)})
     out = tmp_path / "out"
     result = await harvest(
         fast_settings(write_csv(tmp_path / "ids.csv", ids), out, base_url(server))
     )
-    assert result.exit_code == EXIT_OK
+    assert result.exit_code == ExitCode.OK
     assert read_hive(out).num_rows == 3
     relation = duckdb.sql(
         f"SELECT extra FROM read_parquet('{out}/**/*.parquet', hive_partitioning=true)"

@@ -19,10 +19,10 @@ import trustme
 from aiohttp import web
 
 from harvester.client import make_session
-from harvester.errors import UsageError
-from harvester.limits import FILES_BESIDES_SOCKETS, ensure_open_files
-from harvester.runner import EXIT_AUTH, harvest
-from harvester.simulator import Simulator, make_app
+from harvester.errors import ExitCode, UsageError
+from harvester.open_files import FILES_BESIDES_SOCKETS, ensure_open_files
+from harvester.runner import harvest
+from harvester.sim import Simulator, make_app
 
 from .conftest import TOKEN, fast_settings, make_ids, write_csv
 
@@ -81,7 +81,7 @@ async def test_unverifiable_certificate_stops_the_run(
     path = write_csv(tmp_path / "ids.csv", make_ids(20))
     url = f"https://127.0.0.1:{server.port}"
     result = await harvest(fast_settings(path, tmp_path / "out", url))
-    assert result.exit_code == EXIT_AUTH
+    assert result.exit_code == ExitCode.REFUSED
     assert "TLS verification failed" in (result.message or "")
     assert "SSL_CERT_FILE" in (result.message or "")
     assert result.summary["requests"] <= 20  # the ones already in flight; none retried
@@ -131,7 +131,7 @@ async def test_token_appears_nowhere(
     async with Simulator(token="another-token", profile="instant") as sim:
         # A DIR of its own: in the first one every id may already be done, and no request made.
         denied = await harvest(fast_settings(path, tmp_path / "denied", sim.base_url))
-    assert denied.exit_code == EXIT_AUTH
+    assert denied.exit_code == ExitCode.REFUSED
     captured = capsys.readouterr()
     texts = [
         caplog.text,

@@ -17,22 +17,15 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from harvester.cli import build_parser, main
-from harvester.errors import UsageError
+from harvester.errors import ExitCode, UsageError
+from harvester.errors import worst_code as worst
 from harvester.ids import classify, invalid_key
 from harvester.idset import KEY_DTYPE, Keys, as_keys
-from harvester.runner import (
-    EXIT_AUTH,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_OUTPUT,
-    EXIT_UNRESOLVED,
-    EXIT_USAGE,
-    harvest,
-)
+from harvester.runner import harvest
 from harvester.settings import RunSettings
 from harvester.shard import WHOLE, Shard, key_hash
-from harvester.simulator import Simulator
-from harvester.workers import child_argv, worst
+from harvester.sim import Simulator
+from harvester.workers import child_argv
 
 from .conftest import TOKEN, ThreadedSimulator, fast_settings, make_ids, read_rows, write_csv
 
@@ -106,7 +99,7 @@ def test_bad_shard_on_the_command_line_exits_2_with_one_error_line(
     """The CLI rejects a bad --shard before doing anything: exit 2, one argparse error line."""
     with pytest.raises(SystemExit) as info:
         main(["run", "--ids", str(tmp_path / "ids.csv"), "--out", str(tmp_path), "--shard", spec])
-    assert info.value.code == EXIT_USAGE
+    assert info.value.code == ExitCode.USAGE
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if "error:" in line]
     assert len(errors) == 1
@@ -234,7 +227,7 @@ async def test_four_shard_runs_into_one_dir_cover_the_input_exactly_once(tmp_pat
         results = await asyncio.gather(
             *(harvest(fast_settings(path, out, sim.base_url, shard=Shard(k, 4))) for k in range(4))
         )
-    assert [r.exit_code for r in results] == [EXIT_OK] * 4
+    assert [r.exit_code for r in results] == [ExitCode.OK] * 4
     assert sum(r.summary["unique_ids"] for r in results) == len(ids) + len(junk)
     assert sum(r.summary["duplicates"] for r in results) == 2
     assert [r.summary["shard"] for r in results] == ["0/4", "1/4", "2/4", "3/4"]
@@ -276,10 +269,10 @@ def test_workers_give_one_merged_summary_and_exactly_once_rows(
             ]
         )  # fmt: skip
     stdout = capsys.readouterr().out
-    assert code == EXIT_OK
+    assert code == ExitCode.OK
     assert stdout.count("\n") == 1
     summary = orjson.loads(stdout)
-    assert summary["exit_code"] == EXIT_OK
+    assert summary["exit_code"] == ExitCode.OK
     assert summary["workers"] == 2
     assert summary["unique_ids"] == len(ids)
     assert summary["completed"] + summary["failed"] == len(ids)
@@ -330,13 +323,13 @@ def test_child_argv_drops_workers_and_appends_each_childs_share() -> None:
 @pytest.mark.parametrize(
     ("codes", "expected"),
     [
-        ([EXIT_OK, EXIT_OK], EXIT_OK),
-        ([EXIT_OK, EXIT_UNRESOLVED], EXIT_UNRESOLVED),
-        ([EXIT_UNRESOLVED, EXIT_INTERRUPTED], EXIT_INTERRUPTED),
-        ([EXIT_INTERRUPTED, EXIT_USAGE, EXIT_OK], EXIT_USAGE),
-        ([EXIT_USAGE, EXIT_OUTPUT], EXIT_OUTPUT),
-        ([EXIT_OUTPUT, EXIT_AUTH, EXIT_UNRESOLVED], EXIT_AUTH),
-        ([EXIT_AUTH], EXIT_AUTH),
+        ([ExitCode.OK, ExitCode.OK], ExitCode.OK),
+        ([ExitCode.OK, ExitCode.UNRESOLVED], ExitCode.UNRESOLVED),
+        ([ExitCode.UNRESOLVED, ExitCode.INTERRUPTED], ExitCode.INTERRUPTED),
+        ([ExitCode.INTERRUPTED, ExitCode.USAGE, ExitCode.OK], ExitCode.USAGE),
+        ([ExitCode.USAGE, ExitCode.OUTPUT], ExitCode.OUTPUT),
+        ([ExitCode.OUTPUT, ExitCode.REFUSED, ExitCode.UNRESOLVED], ExitCode.REFUSED),
+        ([ExitCode.REFUSED], ExitCode.REFUSED),
     ],
 )
 def test_worst_exit_code_precedence(codes: list[int], expected: int) -> None:
@@ -348,5 +341,5 @@ def test_worst_exit_code_precedence(codes: list[int], expected: int) -> None:
 def test_a_worker_killed_by_a_signal_is_never_success() -> None:
     """A child that died of a signal (asyncio reports -9 for SIGKILL, e.g. the OOM killer)
     wrote no summary and may have left ids undone: the merged exit code must not be 0."""
-    assert worst([EXIT_OK, -signal.SIGKILL]) != EXIT_OK
-    assert worst([EXIT_OK, -signal.SIGSEGV]) != EXIT_OK
+    assert worst([ExitCode.OK, -signal.SIGKILL]) != ExitCode.OK
+    assert worst([ExitCode.OK, -signal.SIGSEGV]) != ExitCode.OK

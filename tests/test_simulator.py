@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import random
 import re
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +23,7 @@ from openapi_core.testing import MockRequest, MockResponse
 from openapi_core.validation.response.exceptions import InvalidData
 
 from harvester.errors import UsageError
-from harvester.simulator import (
+from harvester.sim import (
     PROFILES,
     STATS_KEY,
     ModelTiming,
@@ -38,6 +36,9 @@ from harvester.simulator import (
     plan_for,
     serve,
 )
+
+from .clocks import FakeClock
+from .conftest import make_ids
 
 Client = TestClient[web.Request, web.Application]
 
@@ -53,28 +54,9 @@ SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared/spec/ai-completions.
 VENDORED_SPEC = Path(__file__).resolve().parent / "data/ai-completions.openapi.yaml"
 
 
-class FakeClock:
-    """A clock the test moves by hand, so ready times need no sleeping."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        """Start at ``now`` seconds."""
-        self.now = now
-
-    def __call__(self) -> float:
-        """Return the current fake time."""
-        return self.now
-
-
-def some_ids(count: int, salt: int = 0) -> Iterator[str]:
-    """Yield ``count`` reproducible random v4 UUIDs."""
-    rng = random.Random(salt)
-    for _ in range(count):
-        yield str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
 def find_id(predicate: Callable[[str], bool]) -> str:
     """Return the first reproducible id that satisfies ``predicate`` (bounded search)."""
-    for id_ in some_ids(5000, salt=1):
+    for id_ in make_ids(5000, seed=1):
         if predicate(id_):
             return id_
     raise AssertionError("no id matched within 5000 tries")
@@ -233,7 +215,7 @@ def test_content_has_the_spec_fields_and_realistic_shape() -> None:
     required = {"model", "query", "html", "prompt", "completion", "sources", "ads", "fanouts"}
     fanouts: dict[str, list[int]] = {}
     targeted = total = 0
-    for id_ in some_ids(400):
+    for id_ in make_ids(400, seed=0):
         completion = expected_completion(id_, seed=3, profile="realistic")
         if completion is None:
             continue
@@ -258,7 +240,7 @@ def test_html_size_follows_the_profile(profile: str, low: int, high: int) -> Non
     """The median html size is ~2 KB for instant and 10-20 KB for realistic."""
     sizes = sorted(
         len(str(c["html"]).encode())
-        for id_ in some_ids(201)
+        for id_ in make_ids(201, seed=0)
         if (c := expected_completion(id_, seed=0, profile=profile)) is not None
     )
     assert low <= sizes[len(sizes) // 2] <= high
@@ -266,7 +248,7 @@ def test_html_size_follows_the_profile(profile: str, low: int, high: int) -> Non
 
 def test_instant_plans_are_ready_at_once_and_about_5pct_fail() -> None:
     """The instant profile has no ready delay and fails roughly 5% of ids."""
-    plans = [plan_for(id_, seed=0, profile="instant") for id_ in some_ids(4000)]
+    plans = [plan_for(id_, seed=0, profile="instant") for id_ in make_ids(4000, seed=0)]
     assert {p.ready_delay_s for p in plans} == {0.0}
     assert 0.03 < sum(p.fails for p in plans) / len(plans) < 0.07
 
@@ -274,7 +256,7 @@ def test_instant_plans_are_ready_at_once_and_about_5pct_fail() -> None:
 def test_realistic_ready_delays_follow_the_api_notes() -> None:
     """Per-model ready delays stay within the publicly measured ranges."""
     ranges = {"gemini": (7, 8), "chatgpt": (14, 15), "perplexity": (18, 51), "copilot": (20, 152)}
-    for id_ in some_ids(1000):
+    for id_ in make_ids(1000, seed=0):
         plan = plan_for(id_, seed=0, profile="realistic")
         low, high = ranges[plan.model.name]
         assert low <= plan.ready_delay_s <= high
@@ -343,7 +325,7 @@ async def test_chaos_serves_every_fault_kind_at_about_30_percent() -> None:
     clock = FakeClock()
     scale = 0.001  # tiny real latency; the fake clock drives ready times and bursts
     app = make_app(profile="chaos", time_scale=scale, clock=clock)
-    ids = list(some_ids(20, salt=9))
+    ids = list(make_ids(20, seed=9))
     kinds: Counter[str] = Counter()
     retry_after: set[str] = set()
     async with running(app) as client:
@@ -383,7 +365,7 @@ async def _classify(client: Client, id_: str) -> tuple[str, dict[str, str]]:
 
 async def test_every_id_is_harvestable_through_chaos() -> None:
     """A client that retries gets the expected body (or failed) for every id, despite chaos."""
-    ids = list(some_ids(12, salt=4))
+    ids = list(make_ids(12, seed=4))
     results: dict[str, bytes] = {}
     async with Simulator(profile="chaos", seed=5, time_scale=0.001) as sim:
         timeout = aiohttp.ClientTimeout(total=2)
@@ -419,7 +401,7 @@ async def _harvest(session: aiohttp.ClientSession, id_: str) -> bytes:
 @pytest.mark.parametrize(("time_scale", "pattern"), [(1.0, r"[1-5]"), (0.01, r"0\.0[1-5]")])
 async def test_throttling_carries_retry_after(time_scale: float, pattern: str) -> None:
     """429 and 503 carry Retry-After: whole seconds unscaled, decimal seconds when scaled."""
-    throttled = replace(QUIET, throttle_429_rate=0.45, unavailable_503_rate=0.45)
+    throttled = replace(QUIET, throttle_429_share=0.45, unavailable_503_share=0.45)
     app = make_app(profile=throttled, time_scale=time_scale)
     seen: set[int] = set()
     async with running(app) as client:
@@ -442,8 +424,8 @@ def test_format_retry_after() -> None:
 
 
 async def test_slow_answers_wait_the_slow_delay() -> None:
-    """slow_rate holds answers for slow_s seconds (time-scaled) before answering."""
-    slow = replace(INSTANT, slow_rate=1.0, slow_s=(2.0, 2.0))
+    """slow_share holds answers for slow_s seconds (time-scaled) before answering."""
+    slow = replace(INSTANT, slow_share=1.0, slow_s=(2.0, 2.0))
     loop = asyncio.get_running_loop()
     async with running(make_app(profile=slow, time_scale=0.1)) as client:
         start = loop.time()
@@ -499,12 +481,12 @@ async def test_serve_announces_its_url_and_answers(capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"fail_rate": 1.5}, "fail_rate must be a number between 0 and 1"),
+        ({"fail_share": 1.5}, "fail_share must be a number between 0 and 1"),
         ({"latency_median_s": -1.0}, "latency_median_s must be a finite number >= 0"),
-        ({"error_500_rate": 0.5, "drop_rate": 0.5}, "fault rates add up to 1.00"),
+        ({"error_500_share": 0.5, "drop_share": 0.5}, "fault shares add up to 1.00"),
         ({"retry_after_s": (0, 2)}, "retry_after_s must be"),
         ({"burst_period_s": 1.0, "burst_length_s": 2.0}, "burst_length_s must not exceed"),
-        ({"burst_fault_rate": 1.0}, "burst_fault_rate must be a number between 0 and 0.9"),
+        ({"burst_fault_share": 1.0}, "burst_fault_share must be a number between 0 and 0.9"),
         ({"html_bytes": 10}, "html_bytes must be at least 200"),
         ({"models": ()}, "at least one model"),
     ],
@@ -583,7 +565,7 @@ async def test_answers_validate_against_the_spec() -> None:
         answers.append(await get(client, targeted, {}))
         answers.append(await get(client, targeted, {"Authorization": "Bearer bad"}))
         answers.append(await get(client, "x" * 300))
-    erroring = replace(INSTANT, error_500_rate=0.9)
+    erroring = replace(INSTANT, error_500_share=0.9)
     async with running(make_app(profile=erroring)) as client:
         answers.extend([await get(client, targeted) for _ in range(10)])
     assert [a[0] for a in answers[:10]] == [202, 202, 202, 202, 200, 200, 200, 401, 403, 422]

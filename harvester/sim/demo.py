@@ -9,10 +9,11 @@ import sys
 import uuid
 from pathlib import Path
 
-from .errors import UsageError
-from .runner import harvest
-from .settings import RunSettings
-from .simulator import Simulator
+from ..errors import UsageError
+from ..report import format_summary
+from ..runner import harvest
+from ..settings import RunSettings
+from .server import Simulator
 
 DEMO_TOKEN = "demo-token"
 DEMO_TIME_SCALE = 0.01  # 100x faster than real: copilot's 152 s becomes 1.5 s
@@ -64,8 +65,6 @@ def look_at(out: Path) -> str:
 
 async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
     """Serve the realistic profile time-compressed, harvest ``count`` ids into ``out``."""
-    from .cli import format_summary
-
     ids_path = out.parent / f"{out.name}-ids.csv"
     await asyncio.to_thread(_fresh_start, out, ids_path, count)
     async with Simulator(

@@ -1,0 +1,125 @@
+"""Request pacing: at most R+1 requests reach the server in any second, close to R sustained.
+
+aiolimiter's default bucket lets R requests through at once, so 2R can land in one second.
+A bucket of capacity 1 cannot land more than R+1, but every late timer wake-up (1 ms is
+common) is lost for good, which costs 10-40% of the rate above a few hundred per second.
+So the bucket here holds 20 ms worth of requests, enough to catch up lateness, and a
+sliding-window log of the last R+1 send times is the hard guarantee: a request leaves only
+when the (R+1)-th previous one is at least ``window`` seconds old. ``window`` is one second
+plus ``JITTER_SECONDS``: deliveries that bunch by up to that much (a loaded machine or
+network) still land at most R+1 in any second at the server, and R / 1.05 is 0.95 R.
+
+The rate and the client-wide pause come from the ``ThrottleController`` (``throttle.py``);
+this module only enforces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+from aiolimiter import AsyncLimiter
+
+from .throttle import Answer, ThrottleController
+
+CATCH_UP_SECONDS = 0.02
+JITTER_SECONDS = 0.05
+WINDOW_SECONDS = 1.0 + JITTER_SECONDS
+# A new bucket starts empty, so it is made only when the rate has grown by 2% (CUBIC moves it
+# a little on every request) or has been cut: one made per request would never hold anyone.
+RATE_STEP = 0.02
+
+
+class Pacer:
+    """Lets requests go at the controller's rate; holds them all while it says pause."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        window: float = WINDOW_SECONDS,
+        controller: ThrottleController | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._window = window
+        self.controller = controller or ThrottleController(rate, clock=self._loop.time)
+        self._sent: deque[float] = deque()
+        self._woken = asyncio.Event()  # set (and replaced) when a probe comes back
+        self._set_rate(self.controller.rate)
+
+    @property
+    def rate(self) -> float:
+        """Requests per second allowed now."""
+        return self._rate
+
+    def _set_rate(self, rate: float) -> None:
+        self._rate = rate
+        burst = max(1, math.ceil(rate * CATCH_UP_SECONDS))
+        # Created inside the running loop (AsyncLimiter binds to the loop on first use).
+        self._bucket = AsyncLimiter(burst, burst / rate)
+        # Keeps the most recent send times, so a lower rate binds at once.
+        self._sent = deque(self._sent, maxlen=math.floor(rate) + 1)
+
+    async def acquire(self) -> bool:
+        """Wait until one more request may be sent now; True if it goes as a probe."""
+        control = self.controller
+        while True:
+            control.tick()
+            if abs(control.rate - self._rate) > RATE_STEP * self._rate or (
+                control.rate < self._rate and control.rate != self._rate
+            ):
+                self._set_rate(control.rate)
+            if not control.probing:
+                break
+            left = control.paused_until - self._loop.time()
+            if left > 0:
+                await asyncio.sleep(left)  # a later answer may push the pause out: loop
+            elif control.may_probe():
+                self._sent.append(self._loop.time())
+                return True
+            else:
+                await self._woken.wait()  # the probes are out; wait for one to come back
+        # The log first, the bucket last: the bucket spaces requests right before they go.
+        # (The other way round, requests spaced by the bucket queue up behind a full log and
+        # leave in a burst when it frees, copying the last second's bunching forever.)
+        while True:
+            if (wait := self._log_wait()) > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self._bucket.acquire()
+            if control.probing:  # a pause began while this one waited its turn
+                return await self.acquire()
+            if self._log_wait() <= 0:  # another may have taken the room meanwhile
+                self._sent.append(self._loop.time())
+                return False
+
+    def _log_wait(self) -> float:
+        """Seconds until the sliding log has room for one more send (<= 0: room now)."""
+        sent = self._sent
+        if len(sent) < (sent.maxlen or 1):
+            return 0.0
+        # One subtraction decides both whether to go and how long to wait: two that could
+        # disagree in the last bit would spin on sleep(0).
+        return sent[0] + self._window - self._loop.time()
+
+    def record(self, answer: Answer, retry_after: float | None = None, *, probe: bool) -> None:
+        """Tell the controller how a request ended (``probe``: what ``acquire`` returned)."""
+        self.controller.record(answer, retry_after, probe=probe)
+        if probe:
+            self._woken.set()
+            self._woken = asyncio.Event()
+
+    def paused_seconds(self) -> float:
+        """Seconds every request was held so far."""
+        return self.controller.paused_seconds()
+
+    def note(self) -> str:
+        """Why requests are held, for the progress line ("" when they are not)."""
+        control = self.controller
+        if not control.probing:
+            return ""
+        left = control.paused_until - self._loop.time()
+        if left > 0:
+            return f"{control.note} ({left:.0f} s left)"
+        return "probing: the rate resumes when one of a few requests is answered"

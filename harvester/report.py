@@ -1,0 +1,79 @@
+"""What a run tells its user: run ids, the summary as text or JSON, and the saved reports.
+
+Reports live beside the data under ``DIR/_harvester/<kind>/<run id>.json`` (a metadata path
+every reader skips): ``runs`` for summaries, ``timelines`` for the per-second figures.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .dataset import META_DIR
+from .errors import OutputError
+
+
+def new_run_id(clock: Callable[[], float] = time.time) -> str:
+    """A sortable, collision-free name for this run's files and reports."""
+    stamp = datetime.fromtimestamp(clock(), UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+def save_report(root: Path, run_id: str, summary: dict[str, Any], kind: str = "runs") -> None:
+    """Keep the run's report beside the data, in a metadata path readers skip."""
+    directory = root / META_DIR / kind
+    tmp = directory / f".{run_id}.json.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        tmp.replace(directory / f"{run_id}.json")
+    except OSError as exc:
+        raise OutputError(f"cannot save the run report in {directory} ({exc.strerror})") from exc
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run."""
+    lat = summary["latency_ms"]
+    errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
+    paused = summary.get("paused_s", 0)
+    return "\n".join(
+        [
+            f"{summary['unique_ids']} unique ids in {summary['elapsed_s']:.1f} s "
+            f"-> {summary['out']}",
+            f"  completed {summary['completed']}  failed {summary['failed']}  "
+            f"invalid {summary['invalid']}  unresolved {summary['unresolved']}  "
+            f"(already done {summary['already_done']}, duplicates {summary['duplicates']})",
+            f"  requests {summary['requests']} ({summary['requests_per_s']}/s), "
+            f"retries {summary['retries']}, 429 {summary.get('throttled_429', 0)}, "
+            f"503 {summary.get('throttled_503', 0)}, paused {paused} s; errors: {errors}",
+            f"  latency ms p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
+            f"   peak RSS {summary['peak_rss_mb']} MiB",
+        ]
+    )
+
+
+def print_summary(summary: dict[str, Any], message: str | None, *, as_json: bool) -> None:
+    """The summary on stdout (one JSON object, or text) and any abort line on stderr."""
+    if as_json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        print(format_summary(summary))
+    if message:
+        print(f"harvester: {message}", file=sys.stderr)
+
+
+@dataclass
+class RunResult:
+    """What the command line needs: an exit code, the summary, and the abort reason if any."""
+
+    exit_code: int
+    summary: dict[str, Any]
+    message: str | None = None
