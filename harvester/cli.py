@@ -211,7 +211,35 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
         "--capacity",
         type=float,
         default=0.0,
-        help="answer 429 past this many requests a second; 0 for no limit [%(default)s]",
+        help="answer 429 past this many requests a second (a token bucket: what it refuses "
+        "uses no capacity); 0 for no limit [%(default)s]",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=int,
+        default=None,
+        help="whole seconds of Retry-After on every 429/503 (before --time-scale), instead of "
+        "the profile's range",
+    )
+    p.add_argument(
+        "--first-poll-throttle-share",
+        type=float,
+        default=0.0,
+        help="this share of ids gets one 429 or 503 on its first poll [%(default)s]",
+    )
+    p.add_argument(
+        "--saturated",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="answer 429 to every request for this long after the first one [%(default)s]",
+    )
+    p.add_argument(
+        "--saturated-retry-after",
+        type=int,
+        default=2,
+        metavar="SECONDS",
+        help="the Retry-After of those 429s [%(default)s]",
     )
 
 
@@ -310,6 +338,10 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
             time_scale=args.time_scale,
             capacity=args.capacity,
             latency=args.latency,
+            retry_after=args.retry_after,
+            first_poll_throttle_share=args.first_poll_throttle_share,
+            saturated_s=args.saturated,
+            saturated_retry_after_s=args.saturated_retry_after,
         )
     )
     return 0

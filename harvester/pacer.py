@@ -10,12 +10,13 @@ plus ``JITTER_SECONDS``: deliveries that bunch by up to that much (a loaded mach
 network) still land at most R+1 in any second at the server, and R / 1.05 is 0.95 R.
 
 The rate and the client-wide pause come from the ``ThrottleController`` (``throttle.py``);
-this module only enforces them.
+this module only enforces them: the log always at ``--rate``, the bucket at the controller's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 
@@ -44,7 +45,10 @@ class Pacer:
         self._loop = asyncio.get_running_loop()
         self._window = window
         self.controller = controller or ThrottleController(rate, clock=self._loop.time)
-        self._sent: deque[float] = deque()
+        # The log holds --rate, the user's contract, whatever the controller does; a cut rate
+        # is the bucket's to keep. (A log shrunk to a cut rate would still hold the last
+        # second's sends at the old rate, and stop every request until they age out.)
+        self._sent: deque[float] = deque(maxlen=math.floor(rate) + 1)
         self._woken = asyncio.Event()  # set (and replaced) when a probe comes back
         self._set_rate(self.controller.rate)
 
@@ -58,8 +62,6 @@ class Pacer:
         burst = max(1, math.ceil(rate * CATCH_UP_SECONDS))
         # Created inside the running loop (AsyncLimiter binds to the loop on first use).
         self._bucket = AsyncLimiter(burst, burst / rate)
-        # Keeps the most recent send times, so a lower rate binds at once.
-        self._sent = deque(self._sent, maxlen=math.floor(rate) + 1)
 
     async def acquire(self) -> bool:
         """Wait until one more request may be sent now; True if it goes as a probe."""
@@ -74,7 +76,10 @@ class Pacer:
                 break
             left = control.paused_until - self._loop.time()
             if left > 0:
-                await asyncio.sleep(left)  # a later answer may push the pause out: loop
+                # Until the pause ends, or an accepted probe (still out from before it) ends
+                # it early; a later answer may push it out instead: loop.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), left)
             elif control.may_probe():
                 self._sent.append(self._loop.time())
                 return True
@@ -87,9 +92,12 @@ class Pacer:
             if (wait := self._log_wait()) > 0:
                 await asyncio.sleep(wait)
                 continue
-            await self._bucket.acquire()
+            bucket = self._bucket
+            await bucket.acquire()
             if control.probing:  # a pause began while this one waited its turn
                 return await self.acquire()
+            if bucket is not self._bucket:
+                continue  # the rate changed meanwhile: queue again at the new one's pace
             if self._log_wait() <= 0:  # another may have taken the room meanwhile
                 self._sent.append(self._loop.time())
                 return False

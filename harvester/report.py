@@ -27,9 +27,9 @@ def new_run_id(clock: Callable[[], float] = time.time) -> str:
     return f"{stamp}-{secrets.token_hex(4)}"
 
 
-def save_report(root: Path, run_id: str, summary: dict[str, Any], kind: str = "runs") -> None:
+def save_report(root: Path, run_id: str, summary: dict[str, Any], folder: str = "runs") -> None:
     """Keep the run's report beside the data, in a metadata path readers skip."""
-    directory = root / META_DIR / kind
+    directory = root / META_DIR / folder
     tmp = directory / f".{run_id}.json.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)

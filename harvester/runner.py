@@ -211,7 +211,7 @@ class Run:
             summary["latency_buckets"] = self.stats.latency.buckets()
         save_report(self.settings.out_dir, self.run_id, summary)
         timeline = self.stats.timeline.as_dict()
-        save_report(self.settings.out_dir, self.run_id, timeline, kind="timelines")
+        save_report(self.settings.out_dir, self.run_id, timeline, folder="timelines")
         return RunResult(code, summary, message)
 
 

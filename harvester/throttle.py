@@ -12,6 +12,8 @@ A 429 or 503 is first the business of the id that got it (it waits its own Retry
   cut is seen before the next;
 * **win back**: when calm, the rate grows back along a CUBIC curve (as botocore's adaptive
   retry does): slowly near the rate of the last cut, faster away from it, up to ``--rate``;
+* **start** as after a pause of no length: ``PROBES`` requests first, the rate once one is
+  accepted (a server that refuses everyone from the start gets two requests, not C);
 * **pause**: only when the server is saturated (of at least ``SATURATED_MIN`` answers in the
   last 300 ms, at most ``SATURATED_ACCEPTED`` were not 429/503), everyone waits for the latest
   Retry-After; then ``PROBES`` requests go first, and the rate resumes once one is answered.
@@ -36,15 +38,17 @@ CUT_SHARE_429 = 0.10  # 429s on 10%: cut toward what the server accepted
 CUT_SHARE_503 = 0.30  # 503 means "autoscaling, keep going": cut only when it is most answers
 CALM_SHARE_503 = 0.10  # ... and grow only while 503s stay below this
 SATURATED_ACCEPTED = 0.02  # at most 2% of the answers of the last 300 ms accepted ...
-SATURATED_MIN = 48  # ... of at least this many (the whole second's, if fewer came in 300 ms):
-# the server takes nothing, pause everyone. 48 in a row do not all fail by chance when 10% pass.
+SATURATED_MIN = 24  # ... of at least this many (the whole second's, if fewer came in 300 ms):
+# the server takes nothing, pause everyone. Each answer judged before a pause is one more
+# request sent into a wall; 24 all throttled when 10% pass happens 8% of the time, and then
+# costs one Retry-After of waiting.
 CUT_MIN = 50  # a share is judged from this many answers at least (fewer at a low --rate)
 _FEWEST = 10  # ... but never fewer than this
 _SATURATED_BUCKETS = 3  # (the last 300 ms: a saturated server is seen at once)
 MIN_MEASURE_SECONDS = 0.05  # the accepted rate is never judged from less time than this
 CUT_GAP = 0.5  # seconds between two cuts: the first one's effect shows before the next
 BETA = 0.9  # a cut sets the rate to 90% of the accepted rate ...
-MAX_CUT = 0.25  # ... but never below a quarter of the rate before: a bad estimate costs 4x
+MAX_CUT = 0.1  # ... but never below a tenth of the rate before: a bad estimate costs 10x
 CUBIC_C = 0.4  # botocore's scale constant: requests/s per s^3
 PROBES = 2  # requests sent after a pause before the rate resumes
 DEFAULT_RETRY_AFTER = 1.0  # a 429/503 without Retry-After
@@ -67,7 +71,7 @@ class _Window:
     def __init__(self) -> None:
         self._counts = [[0, 0, 0] for _ in range(_BUCKETS)]
         self._tick = -(1 << 62)
-        self.since = math.inf  # when the first answer it holds came (the window's real span)
+        self.since = math.inf  # when its first answer came (older buckets may have expired)
 
     def add(self, now: float, column: int) -> None:
         if self.since > now:
@@ -84,6 +88,14 @@ class _Window:
             t429 += b
             t503 += c
         return accepted, t429, t503
+
+    def span(self, now: float) -> float:
+        """Seconds from the oldest answer still in the window to ``now``."""
+        tick = self._advance(now)
+        for t in range(tick - _BUCKETS + 1, tick + 1):
+            if any(self._counts[t % _BUCKETS]):
+                return now - max(self.since, t * WINDOW_SECONDS / _BUCKETS)
+        return 0.0
 
     def clear(self) -> None:
         for counts in self._counts:
@@ -110,22 +122,27 @@ class ThrottleController:
         self.max_rate = max_rate
         self.min_rate = min(1.0, max_rate)
         self.rate = max_rate
-        self.paused_until = 0.0
+        self._started = clock()
+        # A run starts as after a pause of no length: PROBES requests go first and the rate
+        # opens once one is accepted. That costs one round trip, and a server that answers
+        # 429 to everything from the start gets two requests, not C in flight and a second's
+        # worth behind them.
+        self.paused_until = self._started
         self.paused_total = 0.0  # seconds every request was held, for the summary
-        self.probing = False  # after a pause: only PROBES requests until one is answered
+        self.probing = True  # after a pause: only PROBES requests until one is accepted
         self.probes_out = 0
         self.note = ""  # why the client is paused, for the progress line
         self._window = _Window()
         # A slow client sees fewer answers a second: judge it from what it can see.
         self._cut_min = max(_FEWEST, min(CUT_MIN, round(max_rate / 2)))
         self._saturated_min = max(_FEWEST, min(SATURATED_MIN, round(max_rate * 0.3)))
-        self._started = clock()
         self._last_cut = -math.inf
         self._w_max = max_rate  # the rate at the last cut (CUBIC's plateau)
         self._k = 0.0  # seconds of calm CUBIC needs to climb back to _w_max
         self._calm = 0.0  # seconds of calm since the last cut
         self._last_tick = self._started
-        self._paused_from = 0.0
+        self._paused_from = self._started
+        self._streak = 0  # throttled answers since the last accepted one
         self._pauses: list[tuple[float, float]] = []  # (start, end) of each ended pause
 
     # -- what the pacer asks ----------------------------------------------------------------
@@ -164,13 +181,16 @@ class ThrottleController:
             return
         self._window.add(now, _COLUMN[answer])
         if answer is Answer.ACCEPTED:
+            self._streak = 0
             if self.probing and probe:
                 self._resume(now)
             return
+        self._streak += 1
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         if self.probing:  # paused, or probing after a pause
             if probe:  # still saturated: wait again for what it says
-                self._pause(now, wait, f"a probe was answered {answer.value}")
+                why = f"{answer.value} on 100% of the last {self._streak} answers"
+                self._pause(now, wait, why)
             elif now < self.paused_until:
                 # Answers to requests sent before the pause: the server may push it out.
                 self.paused_until = max(self.paused_until, now + wait)
@@ -195,9 +215,10 @@ class ThrottleController:
 
     def pauses(self, now: float) -> list[tuple[float, float]]:
         """(start, end) clock times of every client-wide pause so far, one under way included."""
-        if not self.probing:
+        end = min(now, self.paused_until)
+        if not self.probing or end <= self._paused_from:
             return list(self._pauses)
-        return [*self._pauses, (self._paused_from, min(now, self.paused_until))]
+        return [*self._pauses, (self._paused_from, end)]
 
     def paused_seconds(self) -> float:
         """Seconds every request was held so far, the pause under way included."""
@@ -215,7 +236,7 @@ class ThrottleController:
         # The answers span less than the window early on (or after a pause): scale up what
         # it holds. A server that admits its capacity at the start of each second looks
         # faster than it is at first; the next cut, half a second on, corrects that.
-        seen = min(WINDOW_SECONDS, max(now - self._window.since, MIN_MEASURE_SECONDS))
+        seen = min(WINDOW_SECONDS, max(self._window.span(now), MIN_MEASURE_SECONDS))
         accepted_rate = accepted / seen
         new = max(self.min_rate, MAX_CUT * self.rate, BETA * min(self.rate, accepted_rate))
         if new >= self.rate:
@@ -233,17 +254,20 @@ class ThrottleController:
             self._paused_from = now
         self.paused_until = max(self.paused_until, now + wait)
         self.probing = True  # what follows the pause
-        self.note = f"paused {wait:.0f} s: {why}"
+        self.note = f"paused {round(wait, 1):g} s: {why}"
         log.warning("%s", self.note)
 
     def _resume(self, now: float) -> None:
-        self.paused_total = self.paused_seconds()
-        self._pauses.append((self._paused_from, min(now, self.paused_until)))
+        end = min(now, self.paused_until)
         self.probing = False
+        self._last_tick = now
+        if end <= self._paused_from:  # the start's probe: there was no pause
+            return
+        self.paused_total += end - self._paused_from
+        self._pauses.append((self._paused_from, end))
         self.note = ""
         self._window.clear()  # the saturated window says nothing about the server now
-        self._last_tick = now
-        log.info("resumed after a pause: a probe was answered")
+        log.info("resumed after a pause: a probe was accepted")
 
 
 def _CUBIC(calm: float, w_max: float, k: float) -> float:

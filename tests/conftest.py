@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import re
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -137,3 +144,57 @@ class ThreadedSimulator:
     def stats(self) -> dict[str, Any]:
         assert self.sim is not None
         return self.sim.stats.as_dict()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` every 20 ms for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (right now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def launch_simulator(tmp: Path, *args: str, argv: list[str] | None = None) -> Iterator[str]:
+    """``harvester serve ARGS`` (or ``argv``, a stand-in that prints its URL the same way) in a
+    child process on a free loopback port; yields its base URL once ``/_sim/stats`` answers.
+
+    The one launcher of a simulator in its own process, for tests whose server must not share
+    the harvester's event loop (or must survive it being killed)."""
+    log = tmp / f"sim-{len(list(tmp.glob('sim-*.log')))}.log"
+    if argv is None:
+        argv = [
+            sys.executable, "-m", "harvester", "serve", "--host", "127.0.0.1", "--port", "0",
+            "--token", TOKEN, *args,
+        ]  # fmt: skip
+    with log.open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        found: list[str] = []
+
+        def listening() -> bool:
+            assert proc.poll() is None, log.read_text()
+            match = re.search(r"http://127\.0\.0\.1:\d+", log.read_text())
+            if match is None:
+                return False
+            found[:] = [match[0]]
+            with urllib.request.urlopen(f"{match[0]}/_sim/stats", timeout=2) as answer:
+                return bool(answer.status == 200)
+
+        wait_until(listening, 30, "the simulator to answer /_sim/stats")
+        yield found[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -36,7 +35,7 @@ from harvester.errors import (
 )
 from harvester.model import TEXT_FIELDS, Kind
 
-from .conftest import api_document
+from .conftest import api_document, free_port
 
 JSON = "application/json"
 ID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
@@ -583,17 +582,9 @@ async def test_client_server_closes_mid_body() -> None:
             await client.poll(ID)
 
 
-def unused_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_client_connection_refused() -> None:
     """Nothing listening is a ``connect_error``."""
-    endpoint = f"http://127.0.0.1:{unused_port()}/ai/completions"
+    endpoint = f"http://127.0.0.1:{free_port()}/ai/completions"
     async with client_for(endpoint) as client:
         with pytest.raises(TransportError) as info:
             await client.poll(ID)

@@ -8,6 +8,7 @@ Every child process is started by the test, bounded by a timeout, and killed at 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import re
@@ -15,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,9 +35,11 @@ from .conftest import (
     TOKEN,
     ThreadedSimulator,
     fast_settings,
+    launch_simulator,
     make_ids,
     read_hive,
     read_rows,
+    wait_until,
     write_csv,
 )
 
@@ -47,6 +49,11 @@ CONTENT = (
 )  # fmt: skip
 COMMITTED = re.compile(r"part-\d{8}T\d{6}Z-[0-9a-f]{8}-\d{6}\.parquet")
 CALM = PROFILES["realistic"].without_faults()  # same content and fates as "realistic"
+
+
+def committed_since(out: Path, before: int, proc: subprocess.Popen[bytes]) -> bool:
+    """True once ``out`` holds more data files than ``before`` (or the run has ended)."""
+    return len(data_files(out)) > before or proc.poll() is not None
 
 
 def run_argv(ids: Path, out: Path, url: str, *extra: str) -> list[str]:
@@ -98,15 +105,6 @@ def finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, dict[str
     return proc.returncode, (orjson.loads(lines[-1]) if lines else None)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 20 ms for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 # A simulator whose requests hang 20-30 s three times in ten (the rest answer at once), in its
 # own process so that the handlers still hanging when it stops are not this process's business.
 HANGING_SIMULATOR = """
@@ -122,44 +120,15 @@ asyncio.run(main())
 """
 
 
-@contextlib.contextmanager
 def simulator_process(
     tmp: Path, *, profile: str, seed: int, time_scale: float = 1.0
-) -> Iterator[str]:
-    """``harvester serve`` (or, for profile "hanging", HANGING_SIMULATOR) in a child process
-    on a free loopback port; yields its base URL once ``/_sim/stats`` answers."""
-    log = tmp / f"sim-{profile}-{seed}.log"
+) -> contextlib.AbstractContextManager[str]:
+    """The shared launcher, or for profile "hanging" HANGING_SIMULATOR in its place."""
     if profile == "hanging":
         argv = [sys.executable, "-c", HANGING_SIMULATOR, TOKEN, str(seed)]
-    else:
-        argv = [
-            sys.executable, "-m", "harvester", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--token", TOKEN, "--profile", profile, "--time-scale", str(time_scale),
-            "--seed", str(seed),
-        ]  # fmt: skip
-    with log.open("wb") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        found: list[str] = []
-
-        def listening() -> bool:
-            assert proc.poll() is None, log.read_text()
-            match = re.search(r"http://127\.0\.0\.1:\d+", log.read_text())
-            if match is None:
-                return False
-            found[:] = [match[0]]
-            with urllib.request.urlopen(f"{match[0]}/_sim/stats", timeout=2) as answer:
-                return bool(answer.status == 200)
-
-        wait_until(listening, 30, "the simulator to answer /_sim/stats")
-        yield found[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        return launch_simulator(tmp, argv=argv)
+    return launch_simulator(tmp, "--profile", profile, "--time-scale", str(time_scale),
+                            "--seed", str(seed))  # fmt: skip
 
 
 def data_files(out: Path) -> list[Path]:
@@ -240,11 +209,17 @@ def test_kill_9_at_random_instants_then_rerun_is_exactly_once(
         # Few retries keep each run short: an unlucky id is left for the next run.
         argv = run_argv(path, out, url, "--max-retries", "3")
         started = time.monotonic()
-        for _ in range(8):
+        for n in range(8):
             if time.monotonic() - started > 20:
                 break
+            before = len(data_files(out))
             proc = children.start(argv)
-            time.sleep(rng.uniform(0.2, 1.5))
+            if n % 2:
+                # Every other kill lands after this run has committed a file, however slow
+                # the machine is to start Python; the others at any instant.
+                committed = functools.partial(committed_since, out, before, proc)
+                wait_until(committed, 30, "a commit")
+            time.sleep(rng.uniform(0.0, 0.3) if n % 2 else rng.uniform(0.2, 1.5))
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=10)
             visible.append(assert_readable(out))

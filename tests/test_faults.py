@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.fault_matrix import CASES, run_case
+from .fault_cases import CASES, run_case
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -30,6 +30,15 @@ async def send_times(pacer: Pacer, *, workers: int, seconds: float) -> list[floa
     return sorted(times)
 
 
+async def opened(rate: float) -> Pacer:
+    """A pacer past its start: its first probe was accepted a second ago."""
+    pacer = Pacer(rate)
+    assert await pacer.acquire()  # the start's probe
+    pacer.record(Answer.ACCEPTED, probe=True)
+    await asyncio.sleep(1.0)
+    return pacer
+
+
 def most_in_any_second(times: list[float]) -> int:
     """The largest number of ``times`` inside any half-open 1 s window (as the server counts)."""
     return max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times))
@@ -64,7 +73,7 @@ async def test_a_pause_holds_every_request_then_probes_go_alone() -> None:
     """Saturated: nothing leaves during the Retry-After, then PROBES; one accepted probe and
     the rate is back."""
     loop = asyncio.get_running_loop()
-    pacer = Pacer(100.0)
+    pacer = await opened(100.0)
     for _ in range(SATURATED_MIN):
         pacer.record(Answer.THROTTLED_429, 30.0, probe=False)
     paused_at = loop.time()
@@ -88,7 +97,7 @@ async def test_a_pause_holds_every_request_then_probes_go_alone() -> None:
 @virtual_time
 async def test_the_note_says_why_and_how_long() -> None:
     """While paused, the progress line says for how long and why."""
-    pacer = Pacer(1000.0)
+    pacer = await opened(1000.0)
     for _ in range(SATURATED_MIN):
         pacer.record(Answer.THROTTLED_429, 180.0, probe=False)
     await asyncio.sleep(60.0)

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._common import free_port, simulator
 from harvester.errors import ExitCode
 from harvester.runner import harvest
 from harvester.sim import PROFILES, Simulator
 
-from .conftest import TOKEN, fast_settings, make_ids, read_rows, write_csv
+from .conftest import (
+    TOKEN,
+    fast_settings,
+    free_port,
+    launch_simulator,
+    make_ids,
+    read_rows,
+    write_csv,
+)
 
 
 async def test_run_survives_a_server_restart(tmp_path: Path) -> None:
@@ -64,7 +71,7 @@ async def test_ten_thousand_requests_in_flight(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "ids.csv", ids)
     # 5 s per answer: long enough that all 10k connections are open before the first
     # answers, even on a loaded machine, so the peak really is thousands.
-    with simulator("instant", 1.0, 0.0, "--latency", "5", token=TOKEN) as url:
+    with launch_simulator(tmp_path, "--profile", "instant", "--latency", "5") as url:
         settings = fast_settings(
             path, tmp_path / "out", url, concurrency=count, max_in_play=count, rate=50_000,
             request_timeout=60.0,
@@ -107,5 +114,5 @@ def test_sigterm_during_a_long_retry_after_pause_stops_at_once(tmp_path: Path) -
         out, _ = proc.communicate(timeout=30)
         took = time.monotonic() - signalled
     assert proc.returncode == 130
-    assert took < 5  # not the 10 s grace, let alone the 120 s pause
+    assert took < 8  # not the 10 s grace, let alone the 120 s wait (loose: a loaded machine)
     assert json.loads(out)["exit_code"] == 130

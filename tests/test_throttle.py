@@ -49,17 +49,49 @@ def clock() -> FakeClock:
     return FakeClock(1000.0)
 
 
-def test_starts_at_the_full_rate_with_no_pause(clock: FakeClock) -> None:
-    """Before any answer the rate is --rate and nothing is held."""
-    control = ThrottleController(500.0, clock=clock)
-    assert control.rate == 500.0
+def opened(rate: float, clock: FakeClock) -> ThrottleController:
+    """A controller past its start: its first probe was accepted a second ago."""
+    control = ThrottleController(rate, clock=clock)
+    assert control.may_probe()
+    control.record(Answer.ACCEPTED, probe=True)
     assert not control.probing
+    clock.advance(1.0)
+    return control
+
+
+def test_starts_with_probes_then_opens_at_the_full_rate(clock: FakeClock) -> None:
+    """A run begins with PROBES requests; the first accepted one opens --rate, and that
+    start counts as no pause at all."""
+    control = ThrottleController(500.0, clock=clock)
+    assert control.probing
+    assert [control.may_probe() for _ in range(PROBES + 1)] == [True] * PROBES + [False]
+    clock.advance(0.02)
+    control.record(Answer.ACCEPTED, probe=True)
+    assert not control.probing
+    assert control.rate == 500.0
     assert control.paused_seconds() == 0.0
+    assert control.pauses(clock.now) == []
+    assert control.note == ""
+
+
+def test_a_server_refusing_everyone_from_the_start_gets_the_probes_only(
+    clock: FakeClock,
+) -> None:
+    """Both start probes answered 429 "retry in 2 s": pause 2 s, and say why."""
+    control = ThrottleController(1000.0, clock=clock)
+    assert control.may_probe()
+    assert control.may_probe()
+    control.record(Answer.THROTTLED_429, 2.0, probe=True)
+    control.record(Answer.THROTTLED_429, 2.0, probe=True)
+    assert control.probing
+    assert control.paused_until == pytest.approx(clock.now + 2.0)
+    assert control.note == "paused 2 s: 429 on 100% of the last 2 answers"
+    assert not control.may_probe() or control.probes_out <= PROBES
 
 
 def test_scattered_429s_and_503s_hold_the_rate(clock: FakeClock) -> None:
     """3% 429s and 3% 503s (the scattered case) neither cut nor pause: the rate stays R."""
-    control = ThrottleController(2000.0, clock=clock)
+    control = opened(2000.0, clock)
     for _ in range(5):
         answers(control, clock, ok=1880, t429=60, t503=60)
     assert control.rate == 2000.0
@@ -68,7 +100,7 @@ def test_scattered_429s_and_503s_hold_the_rate(clock: FakeClock) -> None:
 
 def test_a_high_share_of_503s_alone_cuts_but_a_few_do_not(clock: FakeClock) -> None:
     """503 is "autoscaling": 20% of answers do not cut; 40% do."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, ok=800, t503=200)
     assert control.rate == 1000.0
     answers(control, clock, ok=600, t503=400)
@@ -77,7 +109,7 @@ def test_a_high_share_of_503s_alone_cuts_but_a_few_do_not(clock: FakeClock) -> N
 
 def test_429s_over_the_cut_share_cut_toward_the_accepted_rate(clock: FakeClock) -> None:
     """The server accepts 300/s of 1000/s: the rate becomes BETA x 300, once per CUT_GAP."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, ok=30, t429=70, over=0.1)
     assert control.rate == pytest.approx(BETA * 300, rel=0.1)
     cut = control.rate
@@ -89,7 +121,7 @@ def test_429s_over_the_cut_share_cut_toward_the_accepted_rate(clock: FakeClock) 
 def test_a_burst_of_capacity_is_overestimated_then_corrected(clock: FakeClock) -> None:
     """A server admitting its 300 at the start of each second looks like 2000/s at first (a
     mild cut); 429s to all for 300 ms then read as saturation: pause, and cut toward it."""
-    control = ThrottleController(2000.0, clock=clock)
+    control = opened(2000.0, clock)
     answers(control, clock, ok=300, t429=40, over=0.15, ordered=True)
     assert control.rate == pytest.approx(BETA * 2000)
     assert not control.probing
@@ -102,7 +134,7 @@ def test_a_burst_of_capacity_is_overestimated_then_corrected(clock: FakeClock) -
 def test_a_cut_never_goes_below_a_quarter_of_the_rate(clock: FakeClock) -> None:
     """10x over capacity, 10% accepted: part got through, so cut toward it, a quarter of the
     rate at most at once, and without pausing everyone."""
-    control = ThrottleController(3000.0, clock=clock)
+    control = opened(3000.0, clock)
     answers(control, clock, ok=10, t429=90, over=0.03)
     assert not control.probing
     assert control.rate == pytest.approx(MAX_CUT * 3000)
@@ -110,7 +142,7 @@ def test_a_cut_never_goes_below_a_quarter_of_the_rate(clock: FakeClock) -> None:
 
 def test_rate_wins_back_along_cubic_when_calm(clock: FakeClock) -> None:
     """After a cut, calm seconds bring the rate back: BETA*W at 0, W after K, R at last."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, ok=50, t429=50, over=0.1)
     w_max = control.rate / BETA
     k = math.cbrt(w_max * (1 - BETA) / CUBIC_C)
@@ -132,7 +164,7 @@ def test_rate_wins_back_along_cubic_when_calm(clock: FakeClock) -> None:
 
 def test_no_growth_while_a_few_429s_keep_coming(clock: FakeClock) -> None:
     """Hold: 5% 429s (under the cut share, over the hold share) freeze the rate where it is."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, ok=50, t429=50, over=0.1)
     clock.advance(1.0)
     held = control.rate
@@ -144,7 +176,7 @@ def test_no_growth_while_a_few_429s_keep_coming(clock: FakeClock) -> None:
 
 def test_saturation_pauses_everyone_for_the_retry_after(clock: FakeClock) -> None:
     """Every answer a 429 "retry in 180 s": the client holds 180 s, and says why."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=180.0)
     assert control.probing
     assert control.paused_until == pytest.approx(clock.now + 180.0, abs=0.01)
@@ -154,7 +186,7 @@ def test_saturation_pauses_everyone_for_the_retry_after(clock: FakeClock) -> Non
 
 def test_after_a_pause_only_probes_go_until_one_is_answered(clock: FakeClock) -> None:
     """Probe: PROBES requests, no more; an accepted probe resumes at the rate of before."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=2.0)
     clock.advance(2.0)
     assert [control.may_probe() for _ in range(PROBES + 2)] == [True] * PROBES + [False, False]
@@ -166,7 +198,7 @@ def test_after_a_pause_only_probes_go_until_one_is_answered(clock: FakeClock) ->
 
 def test_a_throttled_probe_pauses_again(clock: FakeClock) -> None:
     """Still saturated: the probe's Retry-After starts another pause; the total adds up."""
-    control = ThrottleController(1000.0, clock=clock)
+    control = opened(1000.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=2.0)
     clock.advance(2.0)
     assert control.may_probe()
@@ -184,7 +216,7 @@ def test_a_throttled_probe_pauses_again(clock: FakeClock) -> None:
 
 def test_a_probe_without_answer_frees_its_place(clock: FakeClock) -> None:
     """A probe that timed out says nothing: another may go, and the pause is not over."""
-    control = ThrottleController(100.0, clock=clock)
+    control = opened(100.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05)
     clock.advance(1.0)
     assert all(control.may_probe() for _ in range(PROBES))
@@ -196,7 +228,7 @@ def test_a_probe_without_answer_frees_its_place(clock: FakeClock) -> None:
 
 def test_answers_of_requests_sent_before_the_pause_push_it_out(clock: FakeClock) -> None:
     """In-flight requests that come back 429 during the pause extend it to their Retry-After."""
-    control = ThrottleController(100.0, clock=clock)
+    control = opened(100.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=1.0)
     first = control.paused_until
     clock.advance(0.5)
@@ -206,7 +238,7 @@ def test_answers_of_requests_sent_before_the_pause_push_it_out(clock: FakeClock)
 
 def test_no_answer_at_all_is_no_signal(clock: FakeClock) -> None:
     """Timeouts and refused connections neither cut nor pause."""
-    control = ThrottleController(100.0, clock=clock)
+    control = opened(100.0, clock)
     for _ in range(100):
         clock.advance(0.01)
         control.record(Answer.NONE)

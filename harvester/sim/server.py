@@ -337,12 +337,13 @@ async def serve(
     first_poll_throttle_share: float = 0.0,
     saturated_s: float = 0.0,
     saturated_retry_after_s: int = 2,
+    retry_after: int | None = None,
 ) -> None:
     """Run the simulator until cancelled, saying where it listens on stderr.
 
     ``capacity``, ``first_poll_throttle_share``, ``saturated_s`` and ``saturated_retry_after_s``
     override the profile's value unless left at their defaults; ``latency`` (seconds) sets a
-    fixed added latency per request.
+    fixed added latency per request, ``retry_after`` (whole seconds) every fault's Retry-After.
     """
     chosen = resolve_profile(profile)
     given: dict[str, Any] = {
@@ -355,6 +356,8 @@ async def serve(
     overrides = {name: value for name, value in given.items() if value != defaults[name]}
     if latency is not None:
         overrides.update(latency_median_s=latency, latency_sigma=0.0)
+    if retry_after is not None:
+        overrides.update(retry_after_s=(retry_after, retry_after))
     if overrides:
         chosen = replace(chosen, **overrides)
     app = make_app(token=token, profile=chosen, seed=seed, time_scale=time_scale)

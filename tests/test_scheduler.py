@@ -1,0 +1,167 @@
+"""The scheduler on virtual time: when each id is polled again, and that waiting holds no slot.
+
+The client is a script (what each poll of each id answers), the sink a list; the loop's clock
+is virtual (tests/clocks.py), so a Retry-After of 180 s is exact and costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+
+from harvester.client import CompletionsClient
+from harvester.errors import ThrottledError, TransientError, TransportError
+from harvester.ids import Batch, classify
+from harvester.idset import DoneSet, IdSet
+from harvester.metrics import RunStats
+from harvester.model import Completion, Kind
+from harvester.pacer import Pacer
+from harvester.scheduler import Policy, Scheduler
+from harvester.sink import ParquetSink
+
+from .clocks import virtual_time
+from .conftest import completion, make_ids
+
+POLICY = Policy(
+    poll_interval=4.0,
+    max_poll_interval=30.0,
+    max_wait=600.0,
+    max_retries=3,
+    backoff_base=0.5,
+    backoff_max=30.0,
+)
+Answer = Kind | TransientError
+
+
+class ScriptedClient:
+    """Answers each id's polls in turn from its script; records when each poll came."""
+
+    def __init__(self, script: dict[str, list[Answer]]) -> None:
+        self.script = {k: list(v) for k, v in script.items()}
+        self.polls: dict[str, list[float]] = {k: [] for k in script}
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
+        loop = asyncio.get_running_loop()
+        self.polls[conversation_id].append(loop.time())
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)  # a quick answer
+        finally:
+            self.in_flight -= 1
+        answer = self.script[conversation_id].pop(0)
+        if isinstance(answer, TransientError):
+            raise answer
+        return answer, completion() if answer is Kind.COMPLETED else None
+
+
+class ListSink:
+    """Keeps rows in memory (the scheduler only calls add and, under pressure, flush)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, Kind, int]] = []
+
+    def add(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
+        self.rows.append((conversation_id, kind, polls))
+
+    def overfull(self) -> bool:
+        return False
+
+    async def flush(self, *, only_if_full: bool = False) -> None:
+        return None
+
+
+async def batches_of(ids: list[str]) -> AsyncIterator[Batch]:
+    yield classify(ids, list(range(1, len(ids) + 1)))
+
+
+async def run(
+    script: dict[str, list[Answer]], *, concurrency: int = 4, rate: float = 1000.0
+) -> tuple[ScriptedClient, ListSink, RunStats]:
+    client, sink, stats = ScriptedClient(script), ListSink(), RunStats()
+    scheduler = Scheduler(
+        client=cast(CompletionsClient, client),
+        pacer=Pacer(rate),
+        sink=cast(ParquetSink, sink),
+        stats=stats,
+        policy=POLICY,
+        concurrency=concurrency,
+        max_in_play=1000,
+    )
+    await scheduler.run(batches_of(list(script)), IdSet(), DoneSet())
+    return client, sink, stats
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 2) for a, b in itertools.pairwise(times)]
+
+
+@pytest.fixture(autouse=True)
+def fixed_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jitter at its middle (1.0x) so that re-poll times are exact."""
+    monkeypatch.setattr(random, "uniform", lambda a, b: (a + b) / 2)
+
+
+@virtual_time
+async def test_retrieving_ids_are_polled_at_growing_intervals() -> None:
+    """4 s, then 1.5x a poll: 4, 6, 9 s between polls, then the answer is stored once."""
+    [cid] = make_ids(1)
+    polls: list[Answer] = [Kind.RETRIEVING, Kind.RETRIEVING, Kind.RETRIEVING, Kind.COMPLETED]
+    client, sink, _ = await run({cid: polls})
+    assert gaps(client.polls[cid]) == [4.01, 6.01, 9.01]
+    assert sink.rows == [(cid, Kind.COMPLETED, 4)]
+
+
+@virtual_time
+async def test_a_retry_after_belongs_to_the_id_that_got_it() -> None:
+    """One id gets 429 "retry in 180 s": it is asked again 180 s later, not before; the
+    others, answered at once, are not held back by it, and no slot is held meanwhile."""
+    slow, *others = make_ids(30)
+    script: dict[str, list[Answer]] = {slow: [ThrottledError(429, 180.0), Kind.COMPLETED]}
+    script.update({cid: [Kind.COMPLETED] for cid in others})
+    client, sink, stats = await run(script, concurrency=2)
+    [first, second] = client.polls[slow]
+    assert second - first == pytest.approx(180.0 + 0.01, abs=0.02)
+    assert max(times[0] for cid, times in client.polls.items() if cid != slow) < 5.0
+    assert len(sink.rows) == 30
+    assert stats.throttled_429 == 1
+    assert client.peak_in_flight <= 2
+
+
+@virtual_time
+async def test_a_503_without_retry_after_waits_a_second() -> None:
+    """No Retry-After: the id waits the default second, and the 503 is counted apart."""
+    [cid] = make_ids(1)
+    client, _, stats = await run({cid: [ThrottledError(503, None), Kind.FAILED]})
+    assert gaps(client.polls[cid]) == [1.01]
+    assert (stats.throttled_503, stats.throttled_429) == (1, 0)
+
+
+@virtual_time
+async def test_transient_errors_back_off_then_the_id_is_left_unresolved() -> None:
+    """Backoff 0.5 s doubling (jitter at its middle: 0.75x the ceiling); after max_retries
+    the id has no row and counts as unresolved."""
+    [cid] = make_ids(1)
+    errors: list[Answer] = [TransportError("timeout", "t") for _ in range(POLICY.max_retries + 1)]
+    client, sink, stats = await run({cid: errors})
+    assert gaps(client.polls[cid]) == [0.39, 0.76, 1.51]
+    assert sink.rows == []
+    assert (stats.unresolved, stats.retries) == (1, POLICY.max_retries)
+
+
+def test_policy_spacing_and_backoff_bounds() -> None:
+    """Re-poll spacing grows 1.5x to its cap; backoff stays within [ceiling/2, ceiling]."""
+    rng_free = Policy(**{**vars_of(POLICY), "max_poll_interval": 10.0})
+    assert [round(rng_free.next_poll(n), 3) for n in (1, 2, 3, 4)] == [4.0, 6.0, 9.0, 10.0]
+    assert [rng_free.backoff(n) for n in (1, 2, 3, 10)] == [0.375, 0.75, 1.5, 22.5]
+
+
+def vars_of(policy: Policy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in Policy.__dataclass_fields__}
