@@ -22,7 +22,7 @@ from collections import deque
 
 from aiolimiter import AsyncLimiter
 
-from .throttle import Answer, ThrottleController
+from .throttle import PROBES, Answer, ThrottleController
 
 CATCH_UP_SECONDS = 0.02
 JITTER_SECONDS = 0.05
@@ -63,8 +63,9 @@ class Pacer:
         # Created inside the running loop (AsyncLimiter binds to the loop on first use).
         self._bucket = AsyncLimiter(burst, burst / rate)
 
-    async def acquire(self) -> bool:
-        """Wait until one more request may be sent now; True if it goes as a probe."""
+    async def acquire(self) -> int:
+        """Wait until one more request may be sent now; its probe round if it goes as a probe
+        (pass it to ``record``), else 0. Probes keep the log and the bucket like any other."""
         control = self.controller
         while True:
             control.tick()
@@ -72,35 +73,38 @@ class Pacer:
                 control.rate < self._rate and control.rate != self._rate
             ):
                 self._set_rate(control.rate)
-            if not control.probing:
-                break
-            left = control.paused_until - self._loop.time()
-            if left > 0:
-                # Until the pause ends, or an accepted probe (still out from before it) ends
-                # it early; a later answer may push it out instead: loop.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), left)
-            elif control.may_probe():
-                self._sent.append(self._loop.time())
-                return True
-            else:
-                await self._woken.wait()  # the probes are out; wait for one to come back
-        # The log first, the bucket last: the bucket spaces requests right before they go.
-        # (The other way round, requests spaced by the bucket queue up behind a full log and
-        # leave in a burst when it frees, copying the last second's bunching forever.)
-        while True:
+            if control.probing:
+                left = control.paused_until - self._loop.time()
+                if left > 0:
+                    # Until the pause ends, or an accepted probe (still out from before it)
+                    # ends it early; a later answer may push it out instead: loop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._woken.wait(), left)
+                    continue
+                if control.probes_out >= PROBES:
+                    await self._woken.wait()  # the probes are out; wait for one to come back
+                    continue
+            # The log first, the bucket last: the bucket spaces requests right before they
+            # go. (The other way round, requests spaced by the bucket queue up behind a full
+            # log and leave in a burst when it frees, copying the last second's bunching.)
             if (wait := self._log_wait()) > 0:
                 await asyncio.sleep(wait)
                 continue
             bucket = self._bucket
             await bucket.acquire()
-            if control.probing:  # a pause began while this one waited its turn
-                return await self.acquire()
-            if bucket is not self._bucket:
-                continue  # the rate changed meanwhile: queue again at the new one's pace
-            if self._log_wait() <= 0:  # another may have taken the room meanwhile
-                self._sent.append(self._loop.time())
-                return False
+            if bucket is not self._bucket or self._log_wait() > 0:
+                continue  # the rate changed, or another took the room, meanwhile: again
+            # From here to the return nothing awaits: a cancel cannot leave a probe counted.
+            if control.probing:
+                if control.paused_until > self._loop.time():
+                    continue  # a pause began while this one waited its turn
+                probe = control.may_probe()
+                if not probe:
+                    continue
+            else:
+                probe = 0
+            self._sent.append(self._loop.time())
+            return probe
 
     def _log_wait(self) -> float:
         """Seconds until the sliding log has room for one more send (<= 0: room now)."""
@@ -111,7 +115,7 @@ class Pacer:
         # disagree in the last bit would spin on sleep(0).
         return sent[0] + self._window - self._loop.time()
 
-    def record(self, answer: Answer, retry_after: float | None = None, *, probe: bool) -> None:
+    def record(self, answer: Answer, retry_after: float | None = None, *, probe: int) -> None:
         """Tell the controller how a request ended (``probe``: what ``acquire`` returned)."""
         self.controller.record(answer, retry_after, probe=probe)
         if probe:
@@ -130,4 +134,4 @@ class Pacer:
         left = control.paused_until - self._loop.time()
         if left > 0:
             return f"{control.note} ({left:.0f} s left)"
-        return "probing: the rate resumes when one of a few requests is answered"
+        return "probing: the rate resumes when one of a few requests is accepted"

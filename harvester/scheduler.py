@@ -214,7 +214,7 @@ class Scheduler:
             finally:
                 self._busy.discard(me)
 
-    async def _poll(self, entry: _Entry, probe: bool) -> None:
+    async def _poll(self, entry: _Entry, probe: int) -> None:
         stats = self._stats
         loop = self._loop
         now = loop.time()

@@ -16,10 +16,14 @@ A 429 or 503 is first the business of the id that got it (it waits its own Retry
   accepted (a server that refuses everyone from the start gets two requests, not C);
 * **pause**: only when the server is saturated (of at least ``SATURATED_MIN`` answers in the
   last 300 ms, at most ``SATURATED_ACCEPTED`` were not 429/503), everyone waits for the latest
-  Retry-After; then ``PROBES`` requests go first, and the rate resumes once one is answered.
+  Retry-After; then ``PROBES``
+  requests go first, within the rate as any other, and the rate resumes once one is accepted.
 
 Pure logic on an injected clock: ``record`` takes answers; ``rate``, ``paused_until`` and
 ``probing`` say what the pacer must do. Unit-tested with a fake clock.
+
+At a ``--rate`` under about 10/s the window never holds enough answers to judge a share:
+such a client does not cut, and pauses after ``_FEWEST`` throttled answers in a row.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ BETA = 0.9  # a cut sets the rate to 90% of the accepted rate ...
 MAX_CUT = 0.1  # ... but never below a tenth of the rate before: a bad estimate costs 10x
 CUBIC_C = 0.4  # botocore's scale constant: requests/s per s^3
 PROBES = 2  # requests sent after a pause before the rate resumes
+MIN_PROBE_GAP = 0.1  # a probe answered 429 "retry after 0" still waits this long
 DEFAULT_RETRY_AFTER = 1.0  # a 429/503 without Retry-After
 
 
@@ -130,7 +135,9 @@ class ThrottleController:
         self.paused_until = self._started
         self.paused_total = 0.0  # seconds every request was held, for the summary
         self.probing = True  # after a pause: only PROBES requests until one is accepted
-        self.probes_out = 0
+        self.probes_out = 0  # probes of the current round still out
+        self._round = 1  # probing rounds: a probe from an earlier one decides nothing now
+        self._held = False  # a pause really held requests (the start's probing does not)
         self.note = ""  # why the client is paused, for the progress line
         self._window = _Window()
         # A slow client sees fewer answers a second: judge it from what it can see.
@@ -143,6 +150,9 @@ class ThrottleController:
         self._last_tick = self._started
         self._paused_from = self._started
         self._streak = 0  # throttled answers since the last accepted one
+        # Under ~10/s a second never holds _FEWEST answers: there, that many throttled in a
+        # row is the saturation test instead.
+        self._streak_min = _FEWEST if max_rate < _FEWEST else math.inf
         self._pauses: list[tuple[float, float]] = []  # (start, end) of each ended pause
 
     # -- what the pacer asks ----------------------------------------------------------------
@@ -161,22 +171,24 @@ class ThrottleController:
         grown = _CUBIC(self._calm, self._w_max, self._k)
         self.rate = min(self.max_rate, max(self.rate, grown))
 
-    def may_probe(self) -> bool:
-        """While probing: True (and counted) if one more probe may go now."""
+    def may_probe(self) -> int:
+        """While probing: the round number (counted out) if one more probe may go, else 0."""
         if self.probes_out >= PROBES:
-            return False
+            return 0
         self.probes_out += 1
-        return True
+        return self._round
 
     # -- what the scheduler tells -----------------------------------------------------------
 
-    def record(
-        self, answer: Answer, retry_after: float | None = None, *, probe: bool = False
-    ) -> None:
-        """One request finished with ``answer``; ``probe`` if it was sent as a probe."""
+    def record(self, answer: Answer, retry_after: float | None = None, *, probe: int = 0) -> None:
+        """One request finished with ``answer``; ``probe``: the round it was sent as a probe
+        in (``may_probe``'s number), 0 for an ordinary request."""
         now = self._clock()
         if probe:
-            self.probes_out -= 1
+            if probe == self._round:
+                self.probes_out -= 1
+            else:
+                probe = 0  # a probe of an earlier round: an ordinary answer now
         if answer is Answer.NONE:
             return
         self._window.add(now, _COLUMN[answer])
@@ -188,9 +200,9 @@ class ThrottleController:
         self._streak += 1
         wait = DEFAULT_RETRY_AFTER if retry_after is None else retry_after
         if self.probing:  # paused, or probing after a pause
-            if probe:  # still saturated: wait again for what it says
+            if probe:  # still saturated: wait again for what it says (a moment at least)
                 why = f"{answer.value} on 100% of the last {self._streak} answers"
-                self._pause(now, wait, why)
+                self._pause(now, max(wait, MIN_PROBE_GAP, 1.0 / self.max_rate), why)
             elif now < self.paused_until:
                 # Answers to requests sent before the pause: the server may push it out.
                 self.paused_until = max(self.paused_until, now + wait)
@@ -202,10 +214,14 @@ class ThrottleController:
         recent = recent_ok + recent_429 + recent_503
         if recent < self._saturated_min:  # too few in 300 ms: judge the whole second instead
             recent_ok, recent_429, recent_503, recent = accepted, t429, t503, total
-        if recent >= self._saturated_min and recent_ok <= SATURATED_ACCEPTED * recent:
+        saturated = recent >= self._saturated_min and recent_ok <= SATURATED_ACCEPTED * recent
+        if saturated or self._streak >= self._streak_min:
             kind = "429" if recent_429 >= recent_503 else "503"
-            share = (recent - recent_ok) / recent
-            self._pause(now, wait, f"{kind} on {share:.0%} of the last {recent} answers")
+            if saturated:
+                why = f"{kind} on {(recent - recent_ok) / recent:.0%} of the last {recent} answers"
+            else:
+                why = f"{answer.value} on 100% of the last {self._streak} answers"
+            self._pause(now, wait, why)
             if accepted:  # some got through this second: that much the server takes
                 self._cut(now, accepted, gap=0.0)  # a saturated server is news: no wait
         elif total >= self._cut_min and (
@@ -215,17 +231,15 @@ class ThrottleController:
 
     def pauses(self, now: float) -> list[tuple[float, float]]:
         """(start, end) clock times of every client-wide pause so far, one under way included."""
-        end = min(now, self.paused_until)
-        if not self.probing or end <= self._paused_from:
+        if not (self.probing and self._held):
             return list(self._pauses)
-        return [*self._pauses, (self._paused_from, end)]
+        return [*self._pauses, (self._paused_from, now)]
 
     def paused_seconds(self) -> float:
         """Seconds every request was held so far, the pause under way included."""
-        if not self.probing:
+        if not (self.probing and self._held):
             return self.paused_total
-        now = self._clock()
-        return self.paused_total + max(0.0, min(now, self.paused_until) - self._paused_from)
+        return self.paused_total + self._clock() - self._paused_from
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -250,21 +264,26 @@ class ThrottleController:
         self.rate = new
 
     def _pause(self, now: float, wait: float, why: str) -> None:
-        if not self.probing:
+        if not (self.probing and self._held):
             self._paused_from = now
+        if not self.probing:
+            self._round += 1  # probes still out from the last round decide nothing now
+            self.probes_out = 0
+        self._held = True
         self.paused_until = max(self.paused_until, now + wait)
         self.probing = True  # what follows the pause
         self.note = f"paused {round(wait, 1):g} s: {why}"
         log.warning("%s", self.note)
 
     def _resume(self, now: float) -> None:
-        end = min(now, self.paused_until)
+        """A probe was accepted: the rate opens. A pause counts as held until this moment."""
         self.probing = False
         self._last_tick = now
-        if end <= self._paused_from:  # the start's probe: there was no pause
+        if not self._held:  # the start's probe: there was no pause
             return
-        self.paused_total += end - self._paused_from
-        self._pauses.append((self._paused_from, end))
+        self._held = False
+        self.paused_total += now - self._paused_from
+        self._pauses.append((self._paused_from, now))
         self.note = ""
         self._window.clear()  # the saturated window says nothing about the server now
         log.info("resumed after a pause: a probe was accepted")

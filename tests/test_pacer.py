@@ -33,8 +33,9 @@ async def send_times(pacer: Pacer, *, workers: int, seconds: float) -> list[floa
 async def opened(rate: float) -> Pacer:
     """A pacer past its start: its first probe was accepted a second ago."""
     pacer = Pacer(rate)
-    assert await pacer.acquire()  # the start's probe
-    pacer.record(Answer.ACCEPTED, probe=True)
+    probe = await pacer.acquire()  # the start's probe
+    assert probe
+    pacer.record(Answer.ACCEPTED, probe=probe)
     await asyncio.sleep(1.0)
     return pacer
 
@@ -77,7 +78,7 @@ async def test_a_pause_holds_every_request_then_probes_go_alone() -> None:
     for _ in range(SATURATED_MIN):
         pacer.record(Answer.THROTTLED_429, 30.0, probe=False)
     paused_at = loop.time()
-    sent: list[tuple[float, bool]] = []
+    sent: list[tuple[float, int]] = []
 
     async def one() -> None:
         probe = await pacer.acquire()
@@ -85,12 +86,12 @@ async def test_a_pause_holds_every_request_then_probes_go_alone() -> None:
 
     tasks = [asyncio.create_task(one()) for _ in range(10)]
     await asyncio.sleep(31.0)
-    assert [probe for _, probe in sent] == [True] * PROBES  # only the probes have gone
+    assert [bool(probe) for _, probe in sent] == [True] * PROBES  # only the probes have gone
     assert all(at >= paused_at + 30.0 for at, _ in sent)
-    pacer.record(Answer.ACCEPTED, probe=True)
+    pacer.record(Answer.ACCEPTED, probe=sent[0][1])
     await asyncio.gather(*tasks)
     assert len(sent) == 10
-    assert pacer.paused_seconds() == pytest.approx(30.0, abs=0.1)
+    assert pacer.paused_seconds() == pytest.approx(31.0, abs=0.1)  # held until the accept
     assert pacer.note() == ""
 
 
@@ -119,3 +120,28 @@ async def test_a_cut_binds_at_once() -> None:
     times = await send_times(pacer, workers=20, seconds=0.9)
     assert pacer.rate == cut
     assert most_in_any_second(times) <= cut + 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "retry_after"),
+    [(Answer.NONE, None), (Answer.THROTTLED_429, 0.0), (Answer.THROTTLED_503, 0.0)],
+)
+@virtual_time
+async def test_probes_that_fail_fast_still_keep_the_rate(
+    answer: Answer, retry_after: float | None
+) -> None:
+    """Probes answered at once with no answer, or 429/503 "retry after 0", do not become a
+    flood: probes keep the log and the bucket like any request (<= R+1 in any second)."""
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(10.0)
+    times: list[float] = []
+
+    async def work() -> None:
+        while loop.time() < 3.0:
+            probe = await pacer.acquire()
+            times.append(loop.time())
+            await asyncio.sleep(0.001)
+            pacer.record(answer, retry_after, probe=probe)
+
+    await asyncio.gather(*(work() for _ in range(8)))
+    assert most_in_any_second(sorted(times)) <= 11

@@ -52,8 +52,9 @@ def clock() -> FakeClock:
 def opened(rate: float, clock: FakeClock) -> ThrottleController:
     """A controller past its start: its first probe was accepted a second ago."""
     control = ThrottleController(rate, clock=clock)
-    assert control.may_probe()
-    control.record(Answer.ACCEPTED, probe=True)
+    probe = control.may_probe()
+    assert probe
+    control.record(Answer.ACCEPTED, probe=probe)
     assert not control.probing
     clock.advance(1.0)
     return control
@@ -64,9 +65,10 @@ def test_starts_with_probes_then_opens_at_the_full_rate(clock: FakeClock) -> Non
     start counts as no pause at all."""
     control = ThrottleController(500.0, clock=clock)
     assert control.probing
-    assert [control.may_probe() for _ in range(PROBES + 1)] == [True] * PROBES + [False]
+    rounds = [control.may_probe() for _ in range(PROBES + 1)]
+    assert rounds == [1] * PROBES + [0]
     clock.advance(0.02)
-    control.record(Answer.ACCEPTED, probe=True)
+    control.record(Answer.ACCEPTED, probe=1)
     assert not control.probing
     assert control.rate == 500.0
     assert control.paused_seconds() == 0.0
@@ -80,13 +82,14 @@ def test_a_server_refusing_everyone_from_the_start_gets_the_probes_only(
     """Both start probes answered 429 "retry in 2 s": pause 2 s, and say why."""
     control = ThrottleController(1000.0, clock=clock)
     assert control.may_probe()
-    assert control.may_probe()
-    control.record(Answer.THROTTLED_429, 2.0, probe=True)
+    probe = control.may_probe()
+    assert probe
+    control.record(Answer.THROTTLED_429, 2.0, probe=probe)
     control.record(Answer.THROTTLED_429, 2.0, probe=True)
     assert control.probing
     assert control.paused_until == pytest.approx(clock.now + 2.0)
     assert control.note == "paused 2 s: 429 on 100% of the last 2 answers"
-    assert not control.may_probe() or control.probes_out <= PROBES
+    assert control.probes_out == 0
 
 
 def test_scattered_429s_and_503s_hold_the_rate(clock: FakeClock) -> None:
@@ -189,8 +192,10 @@ def test_after_a_pause_only_probes_go_until_one_is_answered(clock: FakeClock) ->
     control = opened(1000.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=2.0)
     clock.advance(2.0)
-    assert [control.may_probe() for _ in range(PROBES + 2)] == [True] * PROBES + [False, False]
-    control.record(Answer.ACCEPTED, probe=True)
+    rounds = [control.may_probe() for _ in range(PROBES + 2)]
+    assert rounds[PROBES:] == [0, 0]
+    assert rounds[0] == rounds[1] > 1  # a new round: not the start's
+    control.record(Answer.ACCEPTED, probe=rounds[0])
     assert not control.probing
     assert control.rate == 1000.0
     assert control.paused_seconds() == pytest.approx(2.0, abs=0.01)
@@ -201,13 +206,15 @@ def test_a_throttled_probe_pauses_again(clock: FakeClock) -> None:
     control = opened(1000.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=2.0)
     clock.advance(2.0)
-    assert control.may_probe()
-    control.record(Answer.THROTTLED_429, 2.0, probe=True)
+    probe = control.may_probe()
+    assert probe
+    control.record(Answer.THROTTLED_429, 2.0, probe=probe)
     assert control.probing
     assert control.paused_until == pytest.approx(clock.now + 2.0)
     clock.advance(2.0)
-    assert control.may_probe()
-    control.record(Answer.ACCEPTED, probe=True)
+    probe = control.may_probe()
+    assert probe
+    control.record(Answer.ACCEPTED, probe=probe)
     assert not control.probing
     assert control.paused_seconds() == pytest.approx(4.0, abs=0.01)
     [(start, end)] = control.pauses(clock.now)
@@ -219,9 +226,10 @@ def test_a_probe_without_answer_frees_its_place(clock: FakeClock) -> None:
     control = opened(100.0, clock)
     answers(control, clock, t429=SATURATED_MIN, over=0.05)
     clock.advance(1.0)
-    assert all(control.may_probe() for _ in range(PROBES))
+    rounds = [control.may_probe() for _ in range(PROBES)]
+    assert all(rounds)
     assert not control.may_probe()
-    control.record(Answer.NONE, probe=True)
+    control.record(Answer.NONE, probe=rounds[0])
     assert control.probing
     assert control.may_probe()
 
@@ -244,3 +252,32 @@ def test_no_answer_at_all_is_no_signal(clock: FakeClock) -> None:
         control.record(Answer.NONE)
     assert control.rate == 100.0
     assert not control.probing
+
+
+def test_a_slow_client_pauses_after_ten_throttled_in_a_row(clock: FakeClock) -> None:
+    """At --rate 5 a second never holds enough answers for a share: ten 429s in a row are
+    the saturation test instead."""
+    control = opened(5.0, clock)
+    for _ in range(9):
+        clock.advance(0.2)
+        control.record(Answer.THROTTLED_429, 30.0)
+    assert not control.probing
+    clock.advance(0.2)
+    control.record(Answer.THROTTLED_429, 30.0)
+    assert control.probing
+    assert control.note == "paused 30 s: 429 on 100% of the last 10 answers"
+
+
+def test_a_probe_of_an_earlier_round_does_not_end_a_later_pause(clock: FakeClock) -> None:
+    """The start's second probe, still out when the rate opened and the server then
+    saturated, comes back accepted: the new pause holds to its Retry-After regardless."""
+    control = ThrottleController(1000.0, clock=clock)
+    first, second = control.may_probe(), control.may_probe()
+    control.record(Answer.ACCEPTED, probe=first)
+    clock.advance(1.0)
+    answers(control, clock, t429=SATURATED_MIN, over=0.05, retry_after=180.0)
+    assert control.probing
+    control.record(Answer.ACCEPTED, probe=second)  # from the earlier round
+    assert control.probing
+    assert control.paused_until > clock.now + 170
+    assert control.may_probe() == control.may_probe() > second  # the new round's two
