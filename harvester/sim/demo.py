@@ -80,6 +80,10 @@ async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
             base_url=sim.base_url,
             rate=5000,
             concurrency=128,
+            # The simulator shares this process's loop, which CPU bounds near 1000 polls/s; with
+            # 5000 ids in play each would wait ~5 s between polls, near the compressed 6 s
+            # --max-wait, and a few would be left unresolved.
+            max_in_play=1000,
             poll_interval=base.poll_interval * scale * 2,
             max_poll_interval=base.max_poll_interval * scale,
             max_wait=base.max_wait * scale,
