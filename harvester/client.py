@@ -175,13 +175,12 @@ def parse_status_doc(doc: dict[str, Any]) -> Kind:
 
 
 def validate_completion(doc: dict[str, Any]) -> Completion:
-    """Check the answer's shape and return it as a Completion; a wrong shape is retried,
-    never stored."""
+    """Check the answer's types and return it as a Completion; a wrong shape is retried,
+    never stored. Values are not judged: a complete answer is the server's last word on
+    the id (an empty or unknown model included) and is stored as sent."""
     for name in TEXT_FIELDS:
         if not isinstance(doc.get(name), str):
             raise BadResponseError("bad_shape", f"field {name!r} missing or not a string")
-    if not doc["model"]:
-        raise BadResponseError("bad_shape", "field 'model' is empty")
     fanouts = doc.get("fanouts")
     if fanouts is None:
         fanouts = []  # some models expose no fanouts; null and absent mean none

@@ -1,9 +1,10 @@
 """The output dataset's layout: schema, partition paths, and reading back what is done.
 
-Layout: ``DIR/harvest_date=YYYY-MM-DD/model=<value>/part-<run>-<seq>.parquet``. Partition
-values are URI-encoded (what pyarrow, DuckDB, Polars and Spark decode), so a server value such
-as ``../../x`` becomes one harmless path segment. Partition columns are not repeated inside
-the files: readers take them from the path, and pandas refuses a column found in both.
+Layout: ``DIR/harvest_date=YYYY-MM-DD/model_key=<key>/part-<run>-<seq>.parquet``. Every field
+the server sent, ``model`` included, is a column inside the files, stored exactly; the path
+holds only ``model_key``, a short, safe name derived from the model, for partition pruning
+and for people browsing the folder. A path can shorten or escape a value, but readers never
+take a value from it, so no value can be lost or place a file outside DIR.
 Names starting with ``_`` or ``.`` hold metadata or files being written; readers skip them.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +22,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 from .ids import CANONICAL, invalid_key, uuid_key
 from .idset import KEY_DTYPE, DoneSet, Keys, as_keys
 from .model import API_FIELDS, EXTRA_FIELD, LIST_FIELDS, TARGETING_FIELDS, TEXT_FIELDS
 from .shard import Shard
 
 META_DIR = "_harvester"
-NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # the hive convention for a null value
-MAX_SEGMENT_VALUE = 120  # bytes of an encoded partition value; file systems allow 255
-PARTITION_COLUMNS = ("harvest_date", "model")
+PARTITION_COLUMNS = ("harvest_date", "model_key")
+NULL_MODEL_KEY = "~null"  # failed and invalid rows: no model
 
-# The Completion's fields stored inside the files: all but the one the path holds.
-STRING_COLUMNS = tuple(n for n in (*TEXT_FIELDS, *TARGETING_FIELDS) if n not in PARTITION_COLUMNS)
+# The Completion's fields, each a column of its own in every file.
+STRING_COLUMNS = (*TEXT_FIELDS, *TARGETING_FIELDS)
 _COLUMN_TYPES = {
     **dict.fromkeys(TEXT_FIELDS + TARGETING_FIELDS, pa.string()),
     **dict.fromkeys(LIST_FIELDS, pa.list_(pa.string())),
@@ -42,64 +42,57 @@ FILE_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
-        *(
-            pa.field(name, _COLUMN_TYPES[name])
-            for name in API_FIELDS
-            if name not in PARTITION_COLUMNS
-        ),
+        *(pa.field(name, _COLUMN_TYPES[name]) for name in API_FIELDS),
         pa.field("polls", pa.int32(), nullable=False),
         pa.field("harvested_at", pa.timestamp("us", tz="UTC"), nullable=False),
         # Fields the server sent beyond the spec, as a JSON object (null when none): lossless.
         pa.field(EXTRA_FIELD, pa.string()),
     ]
 )
-PARTITION_SCHEMA = pa.schema([("harvest_date", pa.string()), ("model", pa.string())])
+PARTITION_SCHEMA = pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS])
 HIVE_PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 # Given explicitly so that an empty or metadata-only DIR still has every column.
 DATASET_SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITION_SCHEMA])
 
-
-def _encode(value: str) -> str:
-    # quote() leaves "~" alone; encoding it reserves "~" for shortened values below, so a
-    # shortened segment can never equal the segment of another, whole value.
-    return quote(value, safe="", errors="surrogatepass").replace("~", "%7E")
+# A model is its own key when it is a short plain name that no reader could take for
+# anything but text: it starts with a letter (so never a number or a date), uses only
+# characters that need no escaping anywhere (local disks, S3 keys, URLs), and is none of
+# the words some reader parses (DuckDB reads "inf" and "epoch" as dates, Polars "NaN" as
+# a float and "true" as a boolean). Any other model gets a readable prefix and a digest.
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,79}")
+_READER_WORDS = frozenset(("nan", "inf", "infinity", "epoch", "true", "false", "null", "none"))
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of models, one call a row
-def partition_value(value: str | None) -> str:
-    """One path segment's value for ``value``: URI-encoded, length-capped, never a path."""
-    if value is None:
-        return NULL_PARTITION
-    encoded = _encode(value)
-    # "model=.." is one harmless segment: the "model=" prefix makes "." and ".." plain names.
-    if 0 < len(encoded) <= MAX_SEGMENT_VALUE and value != NULL_PARTITION:
-        return encoded
-    # Too long, empty, or the null marker itself: a prefix plus a digest keeps it unique and
-    # short; the sink keeps the full value in the row's ``extra`` column.
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{_encoded_prefix(value, 60)}~{digest}"
+def partition_key(model: str | None) -> str:
+    """The ``model_key`` of ``model``: one short, safe path segment, distinct per model.
 
-
-def _encoded_prefix(value: str, limit: int) -> str:
-    """The encoding of the longest prefix of whole characters that fits in ``limit`` bytes:
-    cutting the encoded text could split a %XX escape or a UTF-8 sequence, which readers
-    then refuse for the whole dataset."""
-    prefix = ""
-    for char in value[:limit]:
-        if len(_encode(prefix + char)) > limit:
-            break
-        prefix += char
-    return _encode(prefix)
-
-
-def is_lossless(value: str | None) -> bool:
-    """True when readers get ``value`` back exactly from its partition segment."""
-    return value is None or "~" not in partition_value(value)
+    Plain names are kept as they are; anything else becomes ``<prefix>~<digest>``. A plain
+    key never holds ``~``, so no model's key can equal another's (short of a 64-bit digest
+    collision), and ``~null`` (no model) equals neither form.
+    """
+    if model is None:
+        return NULL_MODEL_KEY
+    if _PLAIN_KEY.fullmatch(model) and model.lower() not in _READER_WORDS:
+        return model
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{_UNSAFE.sub('_', model[:40])}~{digest}"
 
 
 def partition_dir(root: Path, harvest_date: str, model: str | None) -> Path:
     """Directory of one partition, always inside ``root``."""
-    return root / f"harvest_date={harvest_date}" / f"model={partition_value(model)}"
+    return root / f"harvest_date={harvest_date}" / f"model_key={partition_key(model)}"
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a DIR written in the layout of harvester 0.x (``model=`` partitions, no
+    ``model`` column in the files): rows of both layouts in one DIR are unreadable."""
+    if root.is_dir() and next(root.glob("harvest_date=*/model=*"), None) is not None:
+        raise UsageError(
+            f"{root} holds a dataset in the old layout (model=... folders); "
+            "give a new --out (this version writes model_key=... folders)"
+        )
 
 
 def committed_files(root: Path) -> list[str]:
@@ -108,7 +101,7 @@ def committed_files(root: Path) -> list[str]:
     Listing them, rather than letting pyarrow take every file, keeps a stray README, CSV or
     a temporary left by a crash from ever being read as data.
     """
-    return sorted(str(p) for p in root.glob("harvest_date=*/model=*/part-*.parquet"))
+    return sorted(str(p) for p in root.glob("harvest_date=*/model_key=*/part-*.parquet"))
 
 
 def open_dataset(root: Path) -> ds.Dataset:

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from .client import CompletionsClient, make_session
-from .dataset import load_done
+from .dataset import check_layout, committed_files, load_done
 from .errors import InputError, end_code
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
@@ -69,15 +69,17 @@ class Run:
         """Harvest, commit and report; the session is closed only if this run opened it."""
         try:
             with self._signals:  # from the start: a SIGTERM while loading still ends cleanly
-                reader, batches, total, done = await asyncio.to_thread(self._prepare)
+                reader, batches, total, done, fresh = await asyncio.to_thread(self._prepare)
                 if self._signals.count:
                     reader.close()
                     return self._finish(0.0)
-                return await self._run_prepared(batches, total, done)
+                return await self._run_prepared(batches, total, done, fresh=fresh)
         finally:
             self._lease.release()
 
-    async def _run_prepared(self, batches: Iterator[Batch], total: int, done: DoneSet) -> RunResult:
+    async def _run_prepared(
+        self, batches: Iterator[Batch], total: int, done: DoneSet, *, fresh: bool
+    ) -> RunResult:
         s = self.settings
         session = self._session or make_session(
             s.token,
@@ -90,6 +92,8 @@ class Run:
             s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
         )
         try:
+            if fresh:  # the DIR opens in every reader from now on, whatever happens next
+                await sink.commit_empty()
             await self._harvest(
                 session, sink, _first_batch_checked(batches, s.ids_path), done, total
             )
@@ -98,7 +102,7 @@ class Run:
                 await session.close()
         return self._finish(time.monotonic() - started)
 
-    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
+    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet, bool]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
         ensure_open_files(s.concurrency)
@@ -106,16 +110,18 @@ class Run:
         batches = reader.open()
         try:
             total = reader.count_lines()
+            check_layout(s.out_dir)
             self._lease.acquire()
             removed = clean_stale_temporaries(s.out_dir)
             if removed:
                 log.info("removed %d temporary files left by stopped runs", removed)
             done = load_done(s.out_dir, s.shard)
+            fresh = not committed_files(s.out_dir)
         except BaseException:
             reader.close()
             self._lease.release()
             raise
-        return reader, batches, max(1, round(total / s.shard.count)), done
+        return reader, batches, max(1, round(total / s.shard.count)), done, fresh
 
     async def _harvest(
         self,

@@ -19,11 +19,10 @@ from pathlib import Path
 from sys import getsizeof
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .dataset import FILE_SCHEMA, STRING_COLUMNS, fsync_dir, is_lossless, partition_dir
+from .dataset import FILE_SCHEMA, STRING_COLUMNS, fsync_dir, partition_dir
 from .errors import OutputError
 from .model import TEXT_FIELDS, Completion, Kind
 
@@ -142,6 +141,15 @@ class ParquetSink:
                 await write
                 raise
 
+    async def commit_empty(self) -> None:
+        """Commit a file of no rows, so that a DIR no answer has reached yet (a run stopped
+        early, or killed) still opens in every reader with every column typed: pyarrow infers
+        no types from metadata alone, and DuckDB and Polars refuse a glob matching nothing."""
+        async with self._lock:
+            seq, self._seq = self._seq, self._seq + 1
+            directory = partition_dir(self.root, self._date(self._clock()), None)
+            await asyncio.to_thread(self._write_one, directory, _Columns(), seq)
+
     def _columns(self, day: str, model: str | None) -> _Columns:
         key = (day, model)
         cols = self._parts.get(key)
@@ -165,11 +173,6 @@ class ParquetSink:
                 size += getsizeof(value)  # real memory: non-ASCII text takes 2-4 bytes a char
         cols.fanouts.append(doc["fanouts"])
         extra = doc["extra"]
-        if not is_lossless(doc["model"]):
-            # The path holds a shortened value: keep the whole one in ``extra``.
-            merged = orjson.loads(extra) if extra else {}
-            merged["model"] = doc["model"]
-            extra = orjson.dumps(merged).decode()
         cols.extra.append(extra)
         fanouts = doc["fanouts"]
         return size + (len(extra) if extra else 0) + sum(map(getsizeof, fanouts))

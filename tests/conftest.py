@@ -198,3 +198,11 @@ def launch_simulator(tmp: Path, *args: str, argv: list[str] | None = None) -> It
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def dir_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every state a run can leave DIR in (``tests/dir_states.py``), built once a session."""
+    from .dir_states import build_states
+
+    return build_states(tmp_path_factory.mktemp("states"))

@@ -173,7 +173,6 @@ def test_parse_ok_missing_required_field(name: str) -> None:
     "changes",
     [
         {"model": 1},
-        {"model": ""},
         {"model": None},
         {"query": None},
         {"html": ["x"]},
@@ -190,9 +189,34 @@ def test_parse_ok_missing_required_field(name: str) -> None:
     ],
 )
 def test_parse_ok_wrong_types(changes: dict[str, Any]) -> None:
-    """A field of the wrong type (or an empty model) makes ``bad_shape``."""
+    """A field of the wrong type makes ``bad_shape``."""
     with bad("bad_shape"):
         parse_ok(JSON, body(completion(**changes)))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": ""},
+        {"model": " "},
+        {"model": "m" * 300},
+        {"model": "../../x"},
+        {"model": "__HIVE_DEFAULT_PARTITION__"},
+        {"model": "new-model-not-in-the-spec"},
+        {"query": "", "html": "", "prompt": "", "completion": "", "sources": "", "ads": ""},
+        {"fanouts": []},
+        {"fanouts": None},
+        {"country": ""},
+    ],
+)
+def test_parse_ok_stores_any_value_of_the_right_type(changes: dict[str, Any]) -> None:
+    """A complete answer is terminal whatever its values: nothing of the right type is
+    refused, so the server's last word on the id is stored, not polled again."""
+    kind, doc = parse_ok(JSON, body(completion(**changes)))
+    assert kind is Kind.COMPLETED
+    assert doc is not None
+    for name, value in changes.items():
+        assert doc[name] == ([] if name == "fanouts" and value is None else value)  # type: ignore[literal-required]
 
 
 @pytest.mark.parametrize(

@@ -132,8 +132,10 @@ def simulator_process(
 
 
 def data_files(out: Path) -> list[Path]:
-    """Every file a ``**/*.parquet`` glob finds under ``out``."""
-    return sorted(out.rglob("*.parquet")) if out.exists() else []
+    """Every file holding rows that a ``**/*.parquet`` glob finds under ``out`` (not the
+    empty file a run commits first, so that any DIR opens in every reader)."""
+    files = sorted(out.rglob("*.parquet")) if out.exists() else []
+    return [f for f in files if pq.ParquetFile(f).metadata.num_rows]
 
 
 def assert_readable(out: Path, *, plain_hive: bool = True) -> int:
@@ -358,13 +360,13 @@ async def test_stray_files_and_empty_directories_are_harmless(tmp_path: Path) ->
     """A hidden temporary left by a dead run is removed at start; stray non-parquet files and
     empty directories are ignored; the result is exactly-once and readable."""
     out = tmp_path / "out"
-    partition = out / "harvest_date=2020-01-01" / "model=chatgpt"
+    partition = out / "harvest_date=2020-01-01" / "model_key=chatgpt"
     partition.mkdir(parents=True)
     stray_tmp = partition / ".part-deadbeef-000000.parquet.tmp"
     stray_tmp.write_bytes(b"PAR1\x15\x00\x15truncated")
     (out / "notes.txt").write_text("garbage \x00 not parquet\n")
     (partition / "notes.txt").write_text("more garbage\n")
-    (out / "harvest_date=2020-01-02" / "model=gemini").mkdir(parents=True)
+    (out / "harvest_date=2020-01-02" / "model_key=gemini").mkdir(parents=True)
     (out / "empty").mkdir()
     ids = make_ids(300, seed=25)
     path = write_csv(tmp_path / "ids.csv", ids)

@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harvester.dataset import (
-    NULL_PARTITION,
-    is_lossless,
+    NULL_MODEL_KEY,
+    check_layout,
     load_done,
     open_dataset,
     partition_dir,
-    partition_value,
+    partition_key,
     uuid_keys,
 )
-from harvester.errors import OutputError
+from harvester.errors import OutputError, UsageError
 from harvester.ids import invalid_key, uuid_key
 from harvester.idset import Keys, as_keys
 from harvester.model import Completion, Kind
@@ -67,8 +67,8 @@ def some_uuids(count: int, salt: int = 0) -> list[str]:
 
 
 def assert_safe_segment(segment: str) -> None:
-    """``segment`` (after ``model=``) makes one harmless, short directory name."""
-    name = f"model={segment}"
+    """``segment`` (after ``model_key=``) makes one harmless, short directory name."""
+    name = f"model_key={segment}"
     assert segment
     assert "/" not in name
     assert "\\" not in name
@@ -91,54 +91,44 @@ def assert_inside(root: Path, model: str | None) -> None:
     assert resolved.parent.parent == root.resolve()
 
 
-# -- partition_value --------------------------------------------------------------------------
+# -- partition_key ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", PLAIN)
-def test_plain_names_unchanged(value: str) -> None:
-    """Ordinary model names are their own segment, losslessly."""
-    assert partition_value(value) == value
-    assert is_lossless(value)
+def test_plain_names_are_their_own_key(value: str) -> None:
+    """Ordinary model names are their own ``model_key``."""
+    assert partition_key(value) == value
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_values_become_one_safe_segment(value: str, tmp_path: Path) -> None:
     """Traversal, separators, NUL, unicode, long and empty values give one safe segment."""
-    assert_safe_segment(partition_value(value))
+    assert_safe_segment(partition_key(value))
+    assert "~" in partition_key(value)
     assert_inside(tmp_path, value)
 
 
-def test_null_model_is_the_hive_default_partition(tmp_path: Path) -> None:
-    """A null model is the hive null partition, inside root."""
-    assert partition_value(None) == NULL_PARTITION
-    assert is_lossless(None)
-    assert_inside(tmp_path, None)
-
-
 @pytest.mark.parametrize(
-    ("value", "lossless"),
-    [
-        ("chatgpt", True),
-        ("../../x", True),
-        ("日本", True),
-        (".", True),
-        ("..", True),
-        ("é" * 20, True),  # 120 encoded bytes: the most kept whole
-        ("é" * 21, False),
-        ("m" * 300, False),
-        ("", False),
-    ],
+    "word", ["nan", "NaN", "inf", "Infinity", "epoch", "true", "FALSE", "null", "None"]
 )
-def test_is_lossless(value: str, lossless: bool) -> None:
-    """Only values whose encoded segment is exactly their URI encoding are lossless."""
-    assert is_lossless(value) is lossless
+def test_words_readers_parse_get_a_digest(word: str) -> None:
+    """Words DuckDB or Polars would type as a number, date or boolean are never a bare key."""
+    assert partition_key(word).startswith(f"{word}~")
+
+
+def test_null_model_has_its_own_key(tmp_path: Path) -> None:
+    """No model (failed, invalid) is ``~null``, inside root, and no text model's key."""
+    assert partition_key(None) == NULL_MODEL_KEY == "~null"
+    assert_inside(tmp_path, None)
+    for value in ("~null", "null", "", "~", NULL_MODEL_KEY):
+        assert partition_key(value) != NULL_MODEL_KEY
 
 
 def test_long_values_keep_a_readable_prefix_and_differ() -> None:
-    """Long values share a prefix but still get distinct, short segments."""
+    """Long values share a prefix but still get distinct, short keys."""
     a, b = "x" * 300, "x" * 299 + "y"
-    assert partition_value(a).startswith("x" * 24)
-    assert partition_value(a) != partition_value(b)
+    assert partition_key(a).startswith("x" * 40 + "~")
+    assert partition_key(a) != partition_key(b)
 
 
 _TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=400)
@@ -146,8 +136,8 @@ _TEXT = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=400)
 
 @given(value=_TEXT)
 def test_any_text_is_one_safe_segment(value: str) -> None:
-    """For any text the segment is safe and its directory stays inside root."""
-    assert_safe_segment(partition_value(value))
+    """For any text the key is safe and its directory stays inside root."""
+    assert_safe_segment(partition_key(value))
     root = Path("/srv/data")
     directory = partition_dir(root, DAY, value)
     assert directory.parent.parent == root
@@ -155,36 +145,21 @@ def test_any_text_is_one_safe_segment(value: str) -> None:
 
 
 @given(values=st.lists(_TEXT, min_size=2, max_size=20, unique=True))
-def test_distinct_values_give_distinct_segments(values: list[str]) -> None:
-    """Distinct values never share a segment (random text)."""
-    segments = [partition_value(v) for v in values]
-    assert len(set(segments)) == len(values)
+def test_distinct_values_give_distinct_keys(values: list[str]) -> None:
+    """Distinct values never share a key (random text)."""
+    keys = [partition_key(v) for v in values]
+    assert len(set(keys)) == len(values)
 
 
-@given(value=st.text(alphabet="ab~.", max_size=8))
-def test_short_values_never_collide_with_null(value: str) -> None:
-    """No text value shares the null partition's segment."""
-    assert partition_value(value) != partition_value(None)
+def _digest_key(value: str) -> str:
+    """The key a non-plain ``value`` gets, spelled out: prefix, ``~``, 16 digest digits."""
+    return f"{value[:40]}~{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
 
-def _shortened(value: str) -> str:
-    """The segment a shortened ``value`` gets, spelled out: prefix, ``~``, 16 digest digits."""
-    return f"{value[:24]}~{hashlib.sha256(value.encode()).hexdigest()[:16]}"
-
-
-@pytest.mark.parametrize(
-    ("first", "second"),
-    [("a" * 200, _shortened("a" * 200)), ("", _shortened(""))],
-    ids=["long", "empty"],
-)
-def test_shortened_segment_never_equals_a_lossless_one(first: str, second: str) -> None:
-    """A long (or empty) value's shortened segment cannot be spelled by another value."""
-    assert partition_value(first) != partition_value(second)
-
-
-def test_hive_default_name_is_not_the_null_partition() -> None:
-    """A model literally named like the hive null partition does not land in it."""
-    assert partition_value(NULL_PARTITION) != partition_value(None)
+@pytest.mark.parametrize("value", ["a" * 200, "", "../x"], ids=["long", "empty", "path"])
+def test_digest_key_cannot_be_spelled_by_another_model(value: str) -> None:
+    """A model spelled like another's digest key gets a key of its own."""
+    assert partition_key(_digest_key(value)) != partition_key(value)
 
 
 # -- uuid_keys --------------------------------------------------------------------------------
@@ -338,25 +313,14 @@ async def test_load_done_rejects_non_uuid_in_completed_row(tmp_path: Path) -> No
 
 def external_read(root: Path) -> list[dict[str, Any]]:
     """Rows as an outside reader sees them: pyarrow.dataset with hive partitioning."""
-    partitioning = ds.partitioning(
-        pa.schema([("harvest_date", pa.string()), ("model", pa.string())]), flavor="hive"
-    )
-    dataset = ds.dataset(
-        str(root), format="parquet", partitioning=partitioning, ignore_prefixes=[".", "_"]
-    )
+    dataset = ds.dataset(str(root), format="parquet", partitioning="hive")
     rows: list[dict[str, Any]] = dataset.to_table().to_pylist()
     return rows
 
 
-def full_model(row: dict[str, Any]) -> Any:
-    """A row's model: the ``extra`` JSON's when the path holds a shortened one."""
-    extra = orjson.loads(row["extra"]) if row["extra"] else {}
-    return extra.get("model", row["model"])
-
-
 async def test_hostile_models_land_inside_root_and_read_back(tmp_path: Path) -> None:
-    """Every hostile model is written under root and read back exactly (via ``extra`` if long)."""
-    models = [m for m in HOSTILE if m] + PLAIN
+    """Every hostile model is written under root and its column holds it exactly."""
+    models = HOSTILE + PLAIN + ["__HIVE_DEFAULT_PARTITION__", "~null", "null", "NaN", "m" * 5000]
     ids = some_uuids(len(models), salt=6)
     root = tmp_path / "out"
     await write_rows(
@@ -366,34 +330,33 @@ async def test_hostile_models_land_inside_root_and_read_back(tmp_path: Path) -> 
         assert path.resolve().is_relative_to(root.resolve())
         if path.is_file():
             assert path.relative_to(root).parts[0].startswith("harvest_date=")
-            assert path.relative_to(root).parts[1].startswith("model=")
+            assert path.relative_to(root).parts[1].startswith("model_key=")
             assert len(path.relative_to(root).parts) == 3
     rows = {row["id"]: row for row in external_read(root)}
     assert set(rows) == set(ids)
     for cid, model in zip(ids, models, strict=True):
         row = rows[cid]
-        assert full_model(row) == model, (model, row["model"], row["extra"])
-        if is_lossless(model):
-            assert row["model"] == model
-            assert row["extra"] is None
+        assert row["model"] == model
+        assert row["model_key"] == partition_key(model)
+        assert row["extra"] is None
 
 
-async def test_model_named_like_the_null_partition_reads_back(tmp_path: Path) -> None:
-    """A model literally called ``__HIVE_DEFAULT_PARTITION__`` is not read back as null."""
-    [cid] = some_uuids(1)
-    await write_rows(tmp_path, [(cid, "completed", completion(NULL_PARTITION))])
-    [row] = external_read(tmp_path)
-    assert full_model(row) == NULL_PARTITION, (row["model"], row["extra"])
-
-
-async def test_long_model_full_value_in_extra(tmp_path: Path) -> None:
-    """A 300-char model is shortened in the path and kept whole in ``extra``."""
+async def test_long_model_stored_whole_and_extra_untouched(tmp_path: Path) -> None:
+    """A 300-char model is whole in ``model``; ``extra`` holds only the fields beyond the spec."""
     model = "m" * 300
     [cid] = some_uuids(1)
     await write_rows(tmp_path, [(cid, "completed", completion(model, latency=1.5))])
     [row] = external_read(tmp_path)
-    assert row["model"] == partition_value(model)
-    assert orjson.loads(row["extra"]) == {"model": model, "latency": 1.5}
+    assert row["model"] == model
+    assert orjson.loads(row["extra"]) == {"latency": 1.5}
+
+
+def test_old_layout_is_refused(tmp_path: Path) -> None:
+    """A DIR with ``model=`` folders (harvester 0.x) is a usage error naming the fix."""
+    (tmp_path / "harvest_date=2026-01-01" / "model=chatgpt").mkdir(parents=True)
+    with pytest.raises(UsageError, match="old layout"):
+        check_layout(tmp_path)
+    check_layout(tmp_path / "absent")
 
 
 async def test_unknown_fields_kept_in_extra(tmp_path: Path) -> None:

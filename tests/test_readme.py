@@ -1,7 +1,9 @@
-"""The README's "Query it" snippets run as written against a dataset this harvester wrote."""
+"""The README's "Query it" snippets run as written over a DIR in every state a run can leave
+it in (``tests/dir_states.py``), so the docs and the layout cannot drift apart."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -9,12 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from harvester.runner import harvest
-from harvester.sim import Simulator
-
-from .conftest import TOKEN, fast_settings, make_ids, write_csv
+from .dir_states import State
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Runs one snippet in each state's folder (as the README's "completions" is meant: the
+# working directory's) and prints the rows it got, one JSON line per state.
+RUN_IN_EACH = """
+import json, os, sys
+code = sys.stdin.read()
+for home in sys.argv[1:]:
+    os.chdir(home)
+    scope = {}
+    exec(code, scope)
+    result = scope.get("df", scope.get("table"))
+    print(json.dumps({"home": home, "rows": len(result)}))
+"""
 
 
 def query_section() -> str:
@@ -23,44 +35,46 @@ def query_section() -> str:
     return text[start : text.index("\n## ", start)]
 
 
-def blocks(section: str, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", query_section(), re.S)
 
 
-@pytest.fixture(scope="module")
-def completions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset named as in the README, with completed and failed (null-model) rows."""
-    import asyncio
-
-    root = tmp_path_factory.mktemp("readme")
-    path = write_csv(root / "ids.csv", make_ids(300, seed=5))
-
-    async def run() -> None:
-        async with Simulator(token=TOKEN, profile="instant") as sim:
-            result = await harvest(fast_settings(path, root / "completions", sim.base_url))
-        assert result.summary["failed"] > 0  # null-model rows are part of what is read
-
-    asyncio.run(run())
-    return root
+def expected_rows(code: str, state: State) -> int:
+    """What a snippet must find: every row, or the completed ones where it filters."""
+    statuses = [status for status, _ in state.rows.values()]
+    return statuses.count("completed") if '== "completed"' in code else len(statuses)
 
 
-def test_the_python_snippet_runs(completions: Path) -> None:
-    """pyarrow, Polars and pandas, as the README shows them."""
-    [code] = blocks(query_section(), "python")
+def test_the_readme_shows_every_reader() -> None:
+    """pyarrow (both ways), pandas, Polars and DuckDB each have a snippet."""
+    code = "\n".join(blocks("python") + blocks("sh"))
+    for call in ("ds.dataset(", "pq.read_table(", "pd.read_parquet(", "pl.scan_parquet(", "duckdb"):
+        assert call in code
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_each_python_snippet_runs_in_every_state(dir_states: dict[str, State], index: int) -> None:
+    """Each python block reads every state's DIR and finds the rows the run committed."""
+    code = blocks("python")[index]
+    homes = [str(state.home) for state in dir_states.values()]
     done = subprocess.run(
-        [sys.executable, "-c", code + "\nassert len(df) == 300 and table.num_rows > 0\n"],
-        cwd=completions, capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-c", RUN_IN_EACH, *homes],
+        input=code, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, f"{code}\n{done.stderr}"
+    found = {line["home"]: line["rows"] for line in map(json.loads, done.stdout.splitlines())}
+    for state in dir_states.values():
+        assert found[str(state.home)] == expected_rows(code, state), (state.name, code)
 
 
-def test_the_duckdb_command_runs(completions: Path) -> None:
-    """The DuckDB one-liner, with this interpreter for ``python``."""
-    [command] = blocks(query_section(), "sh")
+def test_the_duckdb_command_runs_in_every_state(dir_states: dict[str, State]) -> None:
+    """The DuckDB one-liner, with this interpreter for ``python``, in every state."""
+    [command] = blocks("sh")
     argv = ["sh", "-c", command.replace("python -c", f"'{sys.executable}' -c", 1)]
-    done = subprocess.run(
-        argv, cwd=completions, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert "completed" in done.stdout
-    assert "failed" in done.stdout
+    for state in dir_states.values():
+        done = subprocess.run(
+            argv, cwd=state.home, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, (state.name, done.stderr)
+        for status in {status for status, _ in state.rows.values()}:
+            assert status in done.stdout, (state.name, done.stdout)

@@ -246,7 +246,7 @@ async def test_four_shard_runs_into_one_dir_cover_the_input_exactly_once(tmp_pat
 def written_by(out: Path, run_id: str) -> list[str]:
     """Ids in the committed files of one run (file names carry the run id)."""
     ids: list[str] = []
-    for path in out.glob(f"harvest_date=*/model=*/part-{run_id}-*.parquet"):
+    for path in out.glob(f"harvest_date=*/model_key=*/part-{run_id}-*.parquet"):
         ids.extend(pq.read_table(path, columns=["id"]).column("id").to_pylist())
     return ids
 
