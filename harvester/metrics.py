@@ -12,6 +12,12 @@ from typing import Any
 from .model import Kind
 from .throttle import Answer
 
+# Why an id was left unresolved: "<reason>:<its last answer>" (``retrieving`` or an error
+# label), or just STOPPED for ids in play or unread when a run stopped early.
+MAX_WAIT_REACHED = "max_wait"
+RETRIES_USED_UP = "retries"
+STOPPED = "stopped"
+
 _MIN_MS = 0.01
 _GROWTH = math.log(1.01)  # 1% wide buckets: percentiles within 1% whatever the range
 _BUCKETS = 2200  # 0.01 ms * 1.01**2200 is past 10 minutes
@@ -150,6 +156,7 @@ class RunStats:
     rows_written: int = 0
     files_written: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    unresolved_reasons: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     timeline: Timeline = field(default_factory=Timeline)
     paused_s: float = 0.0  # seconds every request was held by a client-wide pause
@@ -157,6 +164,12 @@ class RunStats:
     def count_outcome(self, kind: Kind) -> None:
         """One id reached a terminal outcome (its counter is named for the kind)."""
         setattr(self, kind.value, getattr(self, kind.value) + 1)
+
+    def count_unresolved(self, reason: str, count: int = 1) -> None:
+        """``count`` ids left without a row, for ``reason`` (see ``MAX_WAIT_REACHED``)."""
+        if count:
+            self.unresolved += count
+            self.unresolved_reasons[reason] += count
 
     def count_throttled(self, status: int) -> None:
         """One 429 or 503 answer."""
@@ -196,6 +209,7 @@ class RunStats:
             "throttled_503": self.throttled_503,
             "paused_s": round(self.paused_s, 1),
             "errors": dict(sorted(self.errors.items())),
+            "unresolved_reasons": dict(self.unresolved_reasons.most_common()),
             "rows_written": self.rows_written,
             "files_written": self.files_written,
             "elapsed_s": round(elapsed, 3),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +19,8 @@ import orjson
 
 from .dataset import META_DIR
 from .errors import OutputError
+from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED
+from .settings import RunSettings
 
 
 def new_run_id(clock: Callable[[], float] = time.time) -> str:
@@ -58,6 +60,45 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"   peak RSS {summary['peak_rss_mb']} MiB",
         ]
     )
+
+
+# What a last error label means, where a user can act on it.
+_MEANING = {
+    "connect_error": "the server at {base_url} is unreachable; check --base-url and the network",
+    "timeout": "no answer within --request-timeout ({request_timeout:g} s)",
+    "http_429": "the server kept throttling (429); lower --rate",
+    "http_503": "the server stayed unavailable (503)",
+}
+
+
+def explain_unresolved(reasons: Mapping[str, int], settings: RunSettings) -> str:
+    """One line for exit 1: how many ids are unresolved and the commonest reason why."""
+    total = sum(reasons.values())
+    if not total:
+        return "some ids are unresolved; rerun the same command to finish them"
+    reason, count = max(reasons.items(), key=lambda item: item[1])
+    cause, _, last = reason.partition(":")
+    share = "all" if count == total else f"most ({count})"
+    meaning = _MEANING.get(last, "").format(
+        base_url=settings.base_url, request_timeout=settings.request_timeout
+    )
+    if cause == MAX_WAIT_REACHED and last == "retrieving":
+        why = (
+            f"{share} still retrieving when --max-wait ({settings.max_wait:g} s) ran out; "
+            "raise --max-wait for slow models"
+        )
+    elif cause == MAX_WAIT_REACHED:
+        why = f"{share} still failing with {last} when --max-wait ({settings.max_wait:g} s) ran out"
+    elif cause == RETRIES_USED_UP:
+        why = f"{share} used up --max-retries ({settings.max_retries}) on {last}"
+    elif cause == STOPPED:
+        why = f"{share} still in play when the run stopped"
+    else:
+        why = f"{share}: {reason}"
+    if meaning:
+        why += f" ({meaning})"
+    ids = "id is" if total == 1 else "ids are"
+    return f"{total} {ids} unresolved: {why}; rerun the same command to poll them again"
 
 
 def print_summary(summary: dict[str, Any], message: str | None, *, as_json: bool) -> None:

@@ -17,15 +17,15 @@ import aiohttp
 
 from .client import CompletionsClient, make_session
 from .dataset import check_layout, committed_files, load_done
-from .errors import InputError, end_code
+from .errors import ExitCode, InputError, end_code
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
 from .lease import RunLease, clean_stale_temporaries
-from .metrics import RunStats
+from .metrics import STOPPED, RunStats
 from .open_files import ensure_open_files
 from .pacer import Pacer
 from .progress import Progress
-from .report import RunResult, new_run_id, save_report
+from .report import RunResult, explain_unresolved, new_run_id, save_report
 from .scheduler import Policy, Scheduler
 from .settings import RunSettings
 from .sink import ParquetSink
@@ -167,7 +167,8 @@ class Run:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            self.stats.unresolved += scheduler.in_play  # stopped early: no row, next run polls
+            # Stopped early: no row, and the next run polls them.
+            self.stats.count_unresolved(STOPPED, scheduler.in_play)
             self.stats.rows_written = sink.rows_written
             self.stats.files_written = sink.files_written
             self.stats.paused_s = pacer.paused_seconds()
@@ -204,6 +205,8 @@ class Run:
             message: str | None = str(fatal)
         elif self._signals.count:
             message = "interrupted; rerun the same command to resume"
+        elif code is ExitCode.UNRESOLVED:
+            message = explain_unresolved(self.stats.unresolved_reasons, self.settings)
         else:
             message = None
         summary = self.stats.summary(

@@ -18,7 +18,7 @@ from .errors import FatalError, ThrottledError, TransientError, TransportError
 from .ids import Batch
 from .idset import DoneSet, IdSet
 from .intake import sort_out
-from .metrics import RunStats
+from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED, RunStats
 from .model import Completion, Kind
 from .pacer import Pacer
 from .settings import RunSettings
@@ -64,15 +64,17 @@ class Policy:
 
 
 class _Entry:
-    """One id in play; ``deadline`` is set by its first poll."""
+    """One id in play; ``deadline`` is set by its first poll, ``last`` names its last
+    answer (``retrieving`` or an error label), which says why if the id is given up."""
 
-    __slots__ = ("deadline", "failures", "id", "polls")
+    __slots__ = ("deadline", "failures", "id", "last", "polls")
 
     def __init__(self, conversation_id: str) -> None:
         self.id = conversation_id
         self.polls = 0
         self.failures = 0
         self.deadline = 0.0
+        self.last = "retrieving"
 
 
 class Scheduler:
@@ -191,7 +193,7 @@ class Scheduler:
                     await self._backpressure()
         finally:
             # Counted already as unique ids, so they must land somewhere in the summary.
-            self._stats.unresolved += len(todo) - taken
+            self._stats.count_unresolved(STOPPED, len(todo) - taken)
 
     def _admit(self, conversation_id: str) -> None:
         """Put an id in play (its room is already taken)."""
@@ -252,6 +254,7 @@ class Scheduler:
         weighs the share of these to decide whether everyone slows down."""
         self._stats.count_throttled(exc.status)
         self._stats.errors[exc.label] += 1
+        entry.last = exc.label
         wait = DEFAULT_RETRY_AFTER if exc.retry_after is None else exc.retry_after
         self._retry_later(entry, wait)
 
@@ -259,14 +262,16 @@ class Scheduler:
         """Back off and retry, up to ``max_retries`` for this id; then leave it unresolved."""
         self._stats.errors[exc.label] += 1
         entry.failures += 1
+        entry.last = exc.label
         if entry.failures > self._policy.max_retries:
-            self._give_up(entry)
+            self._give_up(entry, f"{RETRIES_USED_UP}:{exc.label}")
         else:
             self._stats.retries += 1
             self._retry_later(entry, self._policy.backoff(entry.failures))
 
     async def _settle(self, entry: _Entry, kind: Kind, doc: Completion | None) -> None:
         if kind is Kind.RETRIEVING:
+            entry.last = "retrieving"
             self._retry_later(entry, self._policy.next_poll(entry.polls))
             return
         # Noted and released before any wait: a cancel during back-pressure cannot count the
@@ -279,7 +284,7 @@ class Scheduler:
         """Poll ``entry`` again after ``delay``, but never past its deadline."""
         now = self._loop.time()
         if now >= entry.deadline:
-            self._give_up(entry)
+            self._give_up(entry, f"{MAX_WAIT_REACHED}:{entry.last}")
             return
         due = min(now + delay, entry.deadline)
         if due <= now:
@@ -287,9 +292,9 @@ class Scheduler:
         else:
             self._loop.call_at(due, self._ready.put_nowait, entry)
 
-    def _give_up(self, entry: _Entry) -> None:
-        """No row: the id is counted unresolved and the next run polls it again."""
-        self._stats.unresolved += 1
+    def _give_up(self, entry: _Entry, reason: str) -> None:
+        """No row: the id is counted unresolved (and why) and the next run polls it again."""
+        self._stats.count_unresolved(reason)
         self._release()
 
     def _release(self) -> None:

@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 
-from .errors import worst_code
+from .errors import ExitCode, worst_code
 from .ids import IdReader
 from .metrics import RunStats
 from .progress import Progress
-from .report import RunResult, new_run_id, save_report
+from .report import RunResult, explain_unresolved, new_run_id, save_report
 from .settings import RunSettings
 from .shard import Shard
 
@@ -137,6 +137,7 @@ class WorkerPool:
             for name in _SUMMED:
                 setattr(merged, name, getattr(merged, name) + final.get(name, 0))
             errors.update(final.get("errors", {}))
+            merged.unresolved_reasons.update(final.get("unresolved_reasons", {}))
             merged.latency.merge(final.get("latency_buckets", {}), final["latency_ms"]["max"])
         merged.errors = errors
         code = worst_code(codes)
@@ -154,7 +155,12 @@ class WorkerPool:
         # Each worker paces and pauses on its own: the longest pause is what a user waited.
         summary["paused_s"] = max((f.get("paused_s", 0.0) for f in finals), default=0.0)
         save_report(self._settings.out_dir, run_id, summary)
-        message = None if len(finals) == self._workers else "a worker ended without a summary"
+        if len(finals) != self._workers:
+            message: str | None = "a worker ended without a summary"
+        elif code == ExitCode.UNRESOLVED:
+            message = explain_unresolved(merged.unresolved_reasons, self._settings)
+        else:
+            message = None
         return RunResult(code, summary, message)
 
 
