@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
 
@@ -38,16 +38,6 @@ log = logging.getLogger("harvester")
 async def _batches_from(it: Iterator[Batch]) -> AsyncIterator[Batch]:
     """Pull batches in a worker thread so that reading the file never blocks the loop."""
     while (batch := await asyncio.to_thread(next, it, None)) is not None:
-        yield batch
-
-
-async def _first_batch_checked(it: Iterator[Batch], path: Path) -> AsyncIterator[Batch]:
-    """Like ``_batches_from``, but a file with no id at all is a usage error (exit 2)."""
-    first = await asyncio.to_thread(next, it, None)
-    if first is None:
-        raise InputError(f"{path}: no ids after the header; give at least one id")
-    yield first
-    async for batch in _batches_from(it):
         yield batch
 
 
@@ -94,9 +84,7 @@ class Run:
         try:
             if fresh:  # the DIR opens in every reader from now on, whatever happens next
                 await sink.commit_empty()
-            await self._harvest(
-                session, sink, _first_batch_checked(batches, s.ids_path), done, total
-            )
+            await self._harvest(session, sink, _batches_from(batches), done, total)
         finally:
             if self._session is None:
                 await session.close()
@@ -109,6 +97,12 @@ class Run:
         reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
         try:
+            # Before anything is made on disk: a file with no id at all is a usage error
+            # (exit 2) that leaves no trace in DIR.
+            first = next(batches, None)
+            if first is None:
+                raise InputError(f"{s.ids_path}: no ids after the header; give at least one id")
+            batches = itertools.chain([first], batches)
             total = reader.count_lines()
             check_layout(s.out_dir)
             self._lease.acquire()

@@ -67,6 +67,7 @@ def test_bad_input_exits_2_with_one_line(
     assert len(err) == 1
     assert err[0].startswith("harvester: error:")
     assert str(path) in err[0]
+    assert not (tmp_path / "out").exists(), "a refused input must leave no trace in DIR"
 
 
 def test_missing_token_exits_2(
