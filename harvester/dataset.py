@@ -55,11 +55,13 @@ HIVE_PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 DATASET_SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITION_SCHEMA])
 
 # A model is its own key when it is a short plain name that no reader could take for
-# anything but text: it starts with a letter (so never a number or a date), uses only
+# anything but text and no file system could confuse with another: it starts with a
+# letter (so never a number or a date), is lower case (macOS and Windows disks would put
+# "Gemini" and "gemini" in one folder), does not end with "." (Windows drops it), uses only
 # characters that need no escaping anywhere (local disks, S3 keys, URLs), and is none of
-# the words some reader parses (DuckDB reads "inf" and "epoch" as dates, Polars "NaN" as
+# the words some reader parses (DuckDB reads "inf" and "epoch" as dates, Polars "nan" as
 # a float and "true" as a boolean). Any other model gets a readable prefix and a digest.
-_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,79}")
+_PLAIN_KEY = re.compile(r"[a-z](?:[a-z0-9._-]{0,78}[a-z0-9_-])?")
 _READER_WORDS = frozenset(("nan", "inf", "infinity", "epoch", "true", "false", "null", "none"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -74,7 +76,7 @@ def partition_key(model: str | None) -> str:
     """
     if model is None:
         return NULL_MODEL_KEY
-    if _PLAIN_KEY.fullmatch(model) and model.lower() not in _READER_WORDS:
+    if _PLAIN_KEY.fullmatch(model) and model not in _READER_WORDS:
         return model
     digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{_UNSAFE.sub('_', model[:40])}~{digest}"

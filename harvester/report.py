@@ -78,7 +78,12 @@ def explain_unresolved(reasons: Mapping[str, int], settings: RunSettings) -> str
         return "some ids are unresolved; rerun the same command to finish them"
     reason, count = max(reasons.items(), key=lambda item: item[1])
     cause, _, last = reason.partition(":")
-    share = "all" if count == total else f"most ({count})"
+    if count == total:
+        share = "all"
+    elif 2 * count > total:
+        share = f"most ({count})"
+    else:
+        share = f"{count}, the commonest reason,"
     meaning = _MEANING.get(last, "").format(
         base_url=settings.base_url, request_timeout=settings.request_timeout
     )

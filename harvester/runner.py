@@ -28,7 +28,7 @@ from .progress import Progress
 from .report import RunResult, explain_unresolved, new_run_id, save_report
 from .scheduler import Policy, Scheduler
 from .settings import RunSettings
-from .sink import ParquetSink
+from .sink import ParquetSink, commit_empty
 from .stopping import StopSignals
 from .workers import report_counters
 
@@ -59,17 +59,15 @@ class Run:
         """Harvest, commit and report; the session is closed only if this run opened it."""
         try:
             with self._signals:  # from the start: a SIGTERM while loading still ends cleanly
-                reader, batches, total, done, fresh = await asyncio.to_thread(self._prepare)
+                reader, batches, total, done = await asyncio.to_thread(self._prepare)
                 if self._signals.count:
                     reader.close()
                     return self._finish(0.0)
-                return await self._run_prepared(batches, total, done, fresh=fresh)
+                return await self._run_prepared(batches, total, done)
         finally:
             self._lease.release()
 
-    async def _run_prepared(
-        self, batches: Iterator[Batch], total: int, done: DoneSet, *, fresh: bool
-    ) -> RunResult:
+    async def _run_prepared(self, batches: Iterator[Batch], total: int, done: DoneSet) -> RunResult:
         s = self.settings
         session = self._session or make_session(
             s.token,
@@ -82,15 +80,13 @@ class Run:
             s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
         )
         try:
-            if fresh:  # the DIR opens in every reader from now on, whatever happens next
-                await sink.commit_empty()
             await self._harvest(session, sink, _batches_from(batches), done, total)
         finally:
             if self._session is None:
                 await session.close()
         return self._finish(time.monotonic() - started)
 
-    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet, bool]:
+    def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
         ensure_open_files(s.concurrency)
@@ -106,16 +102,20 @@ class Run:
             total = reader.count_lines()
             check_layout(s.out_dir)
             self._lease.acquire()
+            if not committed_files(s.out_dir):
+                # Right after the lease (which makes DIR/_harvester/, and without which another
+                # run would take this file's temporary for a dead run's): from now on, whatever
+                # happens (a signal while loading, kill -9), the DIR opens in every reader.
+                commit_empty(s.out_dir, self.run_id, time.time())
             removed = clean_stale_temporaries(s.out_dir)
             if removed:
                 log.info("removed %d temporary files left by stopped runs", removed)
             done = load_done(s.out_dir, s.shard)
-            fresh = not committed_files(s.out_dir)
         except BaseException:
             reader.close()
             self._lease.release()
             raise
-        return reader, batches, max(1, round(total / s.shard.count)), done, fresh
+        return reader, batches, max(1, round(total / s.shard.count)), done
 
     async def _harvest(
         self,
@@ -199,7 +199,8 @@ class Run:
             message: str | None = str(fatal)
         elif self._signals.count:
             message = "interrupted; rerun the same command to resume"
-        elif code is ExitCode.UNRESOLVED:
+        elif code is ExitCode.UNRESOLVED and not self.settings.worker_stats:
+            # A --workers child stays quiet: its parent says it once for all of them.
             message = explain_unresolved(self.stats.unresolved_reasons, self.settings)
         else:
             message = None

@@ -75,7 +75,7 @@ class ParquetSink:
         self._parts: dict[tuple[str, str | None], _Columns] = {}
         self._rows = 0
         self._bytes = 0
-        self._seq = 0
+        self._seq = 1  # 0 is the empty file a fresh DIR starts with (``commit_empty``)
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
         self._day = (-1, "")
@@ -141,15 +141,6 @@ class ParquetSink:
                 await write
                 raise
 
-    async def commit_empty(self) -> None:
-        """Commit a file of no rows, so that a DIR no answer has reached yet (a run stopped
-        early, or killed) still opens in every reader with every column typed: pyarrow infers
-        no types from metadata alone, and DuckDB and Polars refuse a glob matching nothing."""
-        async with self._lock:
-            seq, self._seq = self._seq, self._seq + 1
-            directory = partition_dir(self.root, self._date(self._clock()), None)
-            await asyncio.to_thread(self._write_one, directory, _Columns(), seq)
-
     def _columns(self, day: str, model: str | None) -> _Columns:
         key = (day, model)
         cols = self._parts.get(key)
@@ -182,26 +173,37 @@ class ParquetSink:
             self._write_one(partition_dir(self.root, day, model), cols, seq + offset)
 
     def _write_one(self, directory: Path, cols: _Columns, seq: int) -> None:
-        name = f"part-{self.run_id}-{seq:06d}.parquet"
-        tmp = directory / f".{name}.tmp"
-        try:
-            table = cols.table()
-            created = not directory.exists()
-            directory.mkdir(parents=True, exist_ok=True)  # other shards may make it too
-            if created:  # a new partition folder must survive a power cut with its file
-                fsync_dir(directory.parent)
-                fsync_dir(directory.parent.parent)
-            with tmp.open("wb") as handle:
-                pq.write_table(
-                    table, handle, compression="zstd", row_group_size=max(1, table.num_rows)
-                )
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, directory / name)
-            fsync_dir(directory)
-            # Counted here, in the writer thread, so a cancelled flush still counts its files.
-            self.rows_written += table.num_rows
-            self.files_written += 1
-        except (OSError, pa.ArrowException) as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {directory / name}: {exc}") from exc
+        rows = _commit(directory, f"part-{self.run_id}-{seq:06d}.parquet", cols.table())
+        # Counted here, in the writer thread, so a cancelled flush still counts its files.
+        self.rows_written += rows
+        self.files_written += 1
+
+
+def commit_empty(root: Path, run_id: str, now: float) -> None:
+    """Commit a file of no rows, so that a DIR no answer has reached yet (a run stopped
+    while loading, or killed) still opens in every reader with every column typed: pyarrow
+    infers no types from metadata alone, and DuckDB and Polars refuse a glob matching
+    nothing. Harmless beside any other file, so it needs no lease."""
+    day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    _commit(partition_dir(root, day, None), f"part-{run_id}-000000.parquet", _Columns().table())
+
+
+def _commit(directory: Path, name: str, table: pa.Table) -> int:
+    """Write ``table`` as ``directory/name``: hidden temporary, fsync, rename; its rows."""
+    tmp = directory / f".{name}.tmp"
+    try:
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)  # other shards may make it too
+        if created:  # a new partition folder must survive a power cut with its file
+            fsync_dir(directory.parent)
+            fsync_dir(directory.parent.parent)
+        with tmp.open("wb") as handle:
+            pq.write_table(table, handle, compression="zstd", row_group_size=max(1, table.num_rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / name)
+        fsync_dir(directory)
+    except (OSError, pa.ArrowException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {directory / name}: {exc}") from exc
+    return int(table.num_rows)

@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pyarrow.parquet as pq
 
+from harvester import dataset
 from harvester.dataset import committed_files
 from harvester.errors import ExitCode
 from harvester.runner import harvest
@@ -175,7 +177,25 @@ def killed_at_start(home: Path) -> Rows:
     return {}
 
 
+def interrupted_while_loading(home: Path) -> Rows:
+    """SIGTERM while the run loads what is done, before any request (exit 130)."""
+    real = dataset.load_done
+
+    def load_then_signal(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's loop: a clean stop
+        return real(*args, **kwargs)
+
+    with (
+        ApiDouble(token=TOKEN) as double,
+        mock.patch("harvester.runner.load_done", load_then_signal),
+    ):
+        assert _harvest(home, make_ids(5, seed=89), double) == ExitCode.INTERRUPTED
+        assert not double.polls
+    return {}
+
+
 BUILDERS: dict[str, Callable[[Path], Rows]] = {
+    "interrupted_while_loading": interrupted_while_loading,
     "aborted_at_once": aborted_at_once,
     "only_invalid": only_invalid,
     "only_failed": only_failed,

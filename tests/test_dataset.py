@@ -58,7 +58,7 @@ HOSTILE = [
     ".hidden",
     "line\nbreak",
 ]
-PLAIN = ["chatgpt", "gemini", "perplexity", "copilot", "gpt-4o", "claude_3.5", "Model-X"]
+PLAIN = ["chatgpt", "gemini", "perplexity", "copilot", "gpt-4o", "claude_3.5", "llama-3.1-70b"]
 
 
 def some_uuids(count: int, salt: int = 0) -> list[str]:
@@ -114,6 +114,16 @@ def test_hostile_values_become_one_safe_segment(value: str, tmp_path: Path) -> N
 def test_words_readers_parse_get_a_digest(word: str) -> None:
     """Words DuckDB or Polars would type as a number, date or boolean are never a bare key."""
     assert partition_key(word).startswith(f"{word}~")
+
+
+@pytest.mark.parametrize(
+    "variants", [["gemini", "Gemini", "GEMINI"], ["a", "a.", "A."], ["gpt-4o", "GPT-4o", "gpt-4o."]]
+)
+def test_keys_differ_on_case_insensitive_disks(variants: list[str]) -> None:
+    """Models differing only in case or a trailing dot (one folder on macOS or Windows) get
+    keys that differ however a file system folds them."""
+    folded = {partition_key(v).lower().rstrip(".") for v in variants}
+    assert len(folded) == len(variants)
 
 
 def test_null_model_has_its_own_key(tmp_path: Path) -> None:

@@ -100,17 +100,29 @@ def test_a_complete_answer_is_terminal_whatever_its_model(tmp_path: Path, model:
     assert second.summary["already_done"] == 1
 
 
-def test_the_command_prints_one_line_on_stderr_for_exit_1(tmp_path: Path) -> None:
-    """``harvester run`` exits 1 with the summary on stdout and the reason as one line."""
-    path = write_csv(tmp_path / "ids.csv", make_ids(2, seed=96))
+def test_a_tie_is_not_called_most() -> None:
+    """Two reasons of three ids each: the line names one as the commonest, not as most."""
+    stats = RunStats()
+    stats.count_unresolved("retries:http_500", 3)
+    stats.count_unresolved("retries:timeout", 3)
+    settings = RunSettings(ids_path=Path("ids.csv"), out_dir=Path("out"), token="t")
+    line = explain_unresolved(stats.unresolved_reasons, settings)
+    assert line.startswith("6 ids are unresolved: 3, the commonest reason, used up --max-retries")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_command_prints_one_line_on_stderr_for_exit_1(tmp_path: Path, workers: str) -> None:
+    """``harvester run`` exits 1 with the summary on stdout and the reason as one line,
+    with ``--workers`` too (the children stay quiet; the parent speaks for all)."""
+    path = write_csv(tmp_path / "ids.csv", make_ids(8, seed=96))
     argv = [
         sys.executable, "-m", "harvester", "run", "--ids", str(path), "--out",
         str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{free_port()}",
-        "--max-retries", "0", "--no-progress", "--json",
+        "--max-retries", "0", "--no-progress", "--json", "--workers", workers,
     ]  # fmt: skip
     env = {**os.environ, "MASSIVE_API_TOKEN": TOKEN}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == ExitCode.UNRESOLVED
-    assert orjson.loads(done.stdout)["unresolved_reasons"] == {"retries:connect_error": 2}
+    assert orjson.loads(done.stdout)["unresolved_reasons"] == {"retries:connect_error": 8}
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("harvester: 2 ids are unresolved: all used up --max-retries (0)")
+    assert line.startswith("harvester: 8 ids are unresolved: all used up --max-retries (0)")

@@ -143,4 +143,6 @@ async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
         result = await harvest(settings)
     print(format_summary(result.summary))
     print(look_at(out))
+    if result.message:
+        print(f"harvester: {result.message}", file=sys.stderr)
     return result.exit_code
