@@ -74,13 +74,18 @@ def test_throttled_until_max_wait(tmp_path: Path) -> None:
     assert "lower --rate" in result.message
 
 
+def line_for(**reasons: int) -> str:
+    """Exit 1's line for ``reasons`` (``retries__timeout=5`` stands for ``retries:timeout``)."""
+    stats = RunStats()
+    for reason, count in reasons.items():
+        stats.count_unresolved(reason.replace("__", ":"), count)
+    settings = RunSettings(ids_path=Path("ids.csv"), out_dir=Path("out"), token="t")
+    return explain_unresolved(stats.unresolved_reasons, settings)
+
+
 def test_the_commonest_reason_is_named_with_its_count() -> None:
     """Mixed reasons: the line gives the total and the commonest with its count."""
-    stats = RunStats()
-    stats.count_unresolved("max_wait:retrieving", 2)
-    stats.count_unresolved("retries:timeout", 5)
-    settings = RunSettings(ids_path=Path("ids.csv"), out_dir=Path("out"), token="t")
-    line = explain_unresolved(stats.unresolved_reasons, settings)
+    line = line_for(max_wait__retrieving=2, retries__timeout=5)
     assert line.startswith("7 ids are unresolved: most (5) used up --max-retries (10) on timeout")
     assert "no answer within --request-timeout (60 s)" in line
     assert "\n" not in line
@@ -102,11 +107,7 @@ def test_a_complete_answer_is_terminal_whatever_its_model(tmp_path: Path, model:
 
 def test_a_tie_is_not_called_most() -> None:
     """Two reasons of three ids each: the line names one as the commonest, not as most."""
-    stats = RunStats()
-    stats.count_unresolved("retries:http_500", 3)
-    stats.count_unresolved("retries:timeout", 3)
-    settings = RunSettings(ids_path=Path("ids.csv"), out_dir=Path("out"), token="t")
-    line = explain_unresolved(stats.unresolved_reasons, settings)
+    line = line_for(retries__http_500=3, retries__timeout=3)
     assert line.startswith("6 ids are unresolved: 3, the commonest reason, used up --max-retries")
 
 
