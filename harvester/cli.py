@@ -244,7 +244,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
-    p = sub.add_parser("demo", help="harvest ~20k ids from the bundled simulator (no network, no token)")
+    p = sub.add_parser("demo", help="harvest ~20k ids from the bundled simulator, no token")
     if not full:
         return
     p.add_argument(
