@@ -1,4 +1,4 @@
-"""Command line: ``harvester run | serve | demo``.
+"""Command line: ``harvester run | serve | demo | bench``.
 
 Exit codes are part of the contract (``errors.ExitCode``): 0 every unique id has a row; 1 some
 ids are unresolved (rerun to finish them); 2 usage or unreadable input; 3 the API refused the
@@ -16,6 +16,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from .errors import ExitCode, HarvesterError, UsageError
 from .open_files import raise_open_files_to_hard
@@ -96,9 +98,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--json", action="store_true", help="print the summary as one JSON object on stdout"
     )
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument(
-        "--token-file", type=Path, help=f"read the token from this file instead of ${TOKEN_ENV}"
-    )
+    _add_token_options(p)
     p.add_argument(
         "--max-in-play",
         type=int,
@@ -140,11 +140,6 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         default=DEFAULTS["max_body_bytes"],
         help="larger answers are refused and retried [%(default)s bytes]",
-    )
-    p.add_argument(
-        "--allow-insecure",
-        action="store_true",
-        help="allow sending the token over plain http to a non-loopback host",
     )
     p.add_argument(
         "--shard",
@@ -208,6 +203,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
         "instead of the profile's latency",
     )
     p.add_argument(
+        "--jitter",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="lognormal sigma of the added latency (with --latency S the median is S; "
+        "--jitter 0 is a fixed latency) [the profile's, or 0 with --latency]",
+    )
+    p.add_argument(
         "--capacity",
         type=float,
         default=0.0,
@@ -244,7 +247,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
-    p = sub.add_parser("demo", help="harvest ~20k ids from the bundled simulator, no token")
+    p = sub.add_parser(
+        "demo", help="harvest ~20k ids from the bundled simulator (no network, no token)"
+    )
     if not full:
         return
     p.add_argument(
@@ -256,6 +261,72 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bo
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
+def _add_token_options(p: argparse.ArgumentParser) -> None:
+    """Where the token comes from and where it may go: the same for ``run`` and ``bench``."""
+    p.add_argument(
+        "--token-file", type=Path, help=f"read the token from this file instead of ${TOKEN_ENV}"
+    )
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="allow sending the token over plain http to a non-loopback host",
+    )
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure an API's capacity: constant request rates in steps, latency percentiles",
+    )
+    if not full:
+        return
+    from .bench import BenchSettings  # only for `bench`: `run` loads no benchmark code
+
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(BenchSettings)
+        if f.default is not dataclasses.MISSING
+    }
+    p.add_argument("--base-url", required=True, help="the API, or any compatible server")
+    p.add_argument(
+        "--ids", type=Path, help="CSV of ids to cycle through (an id column, or one a line)"
+    )
+    p.add_argument("--synthetic", type=int, metavar="N", help="cycle through N random uuids")
+    p.add_argument(
+        "--id-column", default=defaults["id_column"], help="name of the id column [%(default)s]"
+    )
+    p.add_argument("--rates", metavar="R1,R2,...", help="the offered rates, requests/s, in order")
+    p.add_argument("--ramp", metavar="FROM:TO:STEP", help="offered rates FROM, FROM+STEP, ... TO")
+    p.add_argument(
+        "--step-seconds",
+        type=_positive_float,
+        default=defaults["step_seconds"],
+        help="seconds of each step's schedule [%(default)s]",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=defaults["concurrency"],
+        help="max requests in flight [%(default)s]",
+    )
+    p.add_argument(
+        "--slo",
+        metavar="SPEC",
+        help="what a step must meet, like success=0.99,p99=500ms (p50/p90/p99/p999, ms or s)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=defaults["request_timeout"],
+        help="seconds one request may take before it counts as a timeout [%(default)s]",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--out", type=Path, help="also write bench.json, requests.parquet and bench.png here"
+    )
+    _add_token_options(p)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; the simulator's commands get their options only when ``command`` is
     one of them or None (the whole parser)."""
@@ -265,6 +336,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_run(sub)
     _add_serve(sub, full)
     _add_demo(sub, full)
+    _add_bench(sub, command is None or command == "bench")
     return parser
 
 
@@ -338,6 +410,7 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str]) -> int:
             time_scale=args.time_scale,
             capacity=args.capacity,
             latency=args.latency,
+            jitter=args.jitter,
             retry_after=args.retry_after,
             first_poll_throttle_share=args.first_poll_throttle_share,
             saturated_s=args.saturated,
@@ -353,7 +426,44 @@ def _cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
     return run_loop(run_demo(count=args.count, out=args.out, progress=not args.no_progress))
 
 
-_COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo}
+def _cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    # Imported here: `harvester run` loads no benchmark code.
+    from .bench import BenchSettings, parse_ramp, parse_rates, parse_slo, run_bench
+    from .bench_report import bench_json, format_table, headline, write_outputs
+
+    if (args.rates is None) == (args.ramp is None):
+        raise UsageError("give exactly one of --rates R1,R2,... or --ramp FROM:TO:STEP")
+    rates = parse_rates(args.rates) if args.rates is not None else parse_ramp(args.ramp)
+    slo = parse_slo(args.slo) if args.slo is not None else None
+    settings = BenchSettings(
+        base_url=args.base_url,
+        token=read_token(args.token_file),
+        rates=rates,
+        ids_path=args.ids,
+        synthetic=args.synthetic,
+        id_column=args.id_column,
+        step_seconds=args.step_seconds,
+        concurrency=args.concurrency,
+        slo=slo,
+        json_output=args.json,
+        out_dir=args.out,
+        request_timeout=args.request_timeout,
+        allow_insecure=args.allow_insecure,
+    )
+    steps, best, timings = run_loop(run_bench(settings))
+    result = bench_json(steps, best)
+    if settings.out_dir is not None:
+        write_outputs(settings.out_dir, result, steps, timings)
+    if settings.json_output:
+        sys.stdout.buffer.write(orjson.dumps(result) + b"\n")
+        sys.stdout.flush()
+        print(headline(best, slo is not None), file=sys.stderr)
+    else:
+        print(format_table(steps, best, slo is not None))
+    return ExitCode.OK
+
+
+_COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "demo": _cmd_demo, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

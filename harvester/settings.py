@@ -64,11 +64,7 @@ class RunSettings:
     worker_stats: bool = False  # set for --workers children: counters as JSON lines on stdout
 
     def __post_init__(self) -> None:
-        _require(bool(self.token), "no API token: set MASSIVE_API_TOKEN or pass --token-file")
-        _require(
-            self.token.isprintable() and not any(c.isspace() for c in self.token),
-            "the API token has spaces or control characters; check MASSIVE_API_TOKEN",
-        )
+        check_token(self.token)
         _require(
             0 < self.rate <= MAX_RATE, f"--rate must be > 0 and <= {MAX_RATE:.0f} (got {self.rate})"
         )
@@ -90,26 +86,35 @@ class RunSettings:
         _require(self.log_interval > 0, "--log-interval must be > 0 seconds")
         _require(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
         _require(bool(self.id_column.strip()), "--id-column must not be empty")
-        self._check_base_url()
-
-    def _check_base_url(self) -> None:
-        hint = (
-            f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL} (got {self.base_url!r})"
-        )
-        try:
-            parts = urlsplit(self.base_url)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
-        except ValueError:
-            raise UsageError(hint) from None
-        _require(parts.scheme in ("http", "https") and bool(parts.hostname), hint)
-        insecure = parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
-        _require(
-            not insecure or self.allow_insecure,
-            f"refusing to send the token over plain http to {parts.hostname}; use https, "
-            "or pass --allow-insecure if you accept that risk",
-        )
+        check_base_url(self.base_url, allow_insecure=self.allow_insecure)
 
     @property
     def endpoint(self) -> str:
         """Full URL of the completions endpoint."""
         return self.base_url.rstrip("/") + ENDPOINT_PATH
+
+
+def check_token(token: str) -> None:
+    """The token is present and could be sent in a header (shared by ``run`` and ``bench``)."""
+    _require(bool(token), "no API token: set MASSIVE_API_TOKEN or pass --token-file")
+    _require(
+        token.isprintable() and not any(c.isspace() for c in token),
+        "the API token has spaces or control characters; check MASSIVE_API_TOKEN",
+    )
+
+
+def check_base_url(base_url: str, *, allow_insecure: bool) -> None:
+    """An http(s) URL with a host; plain http only to loopback unless ``allow_insecure``."""
+    hint = f"--base-url must be an http(s) URL such as {DEFAULT_BASE_URL} (got {base_url!r})"
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise UsageError(hint) from None
+    _require(parts.scheme in ("http", "https") and bool(parts.hostname), hint)
+    insecure = parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+    _require(
+        not insecure or allow_insecure,
+        f"refusing to send the token over plain http to {parts.hostname}; use https, "
+        "or pass --allow-insecure if you accept that risk",
+    )

@@ -4,6 +4,7 @@ it in (``tests/dir_states.py``), so the docs and the layout cannot drift apart."
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,3 +79,25 @@ def test_the_duckdb_command_runs_in_every_state(dir_states: dict[str, State]) ->
         assert done.returncode == 0, (state.name, done.stderr)
         for status in {status for status, _ in state.rows.values()}:
             assert status in done.stdout, (state.name, done.stdout)
+
+
+def test_the_bench_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's bench block against ``harvester serve``: exit 0 and the three files
+    (steps shortened to 2 s, and a free port, so the suite stays quick)."""
+    from .conftest import free_port
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("To try it without a token or a network")
+    [block] = re.findall(r"```sh\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
+    port = str(free_port())
+    command = block.replace("8411", port).replace("--step-seconds 5", "--step-seconds 2")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=150, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "max rate within SLO" in done.stdout
+    result = json.loads((tmp_path / "bench-out" / "bench.json").read_text())
+    assert result["max_rate_within_slo"] is not None
+    assert (tmp_path / "bench-out" / "requests.parquet").is_file()

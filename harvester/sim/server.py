@@ -334,6 +334,7 @@ async def serve(
     time_scale: float,
     capacity: float = 0.0,
     latency: float | None = None,
+    jitter: float | None = None,
     first_poll_throttle_share: float = 0.0,
     saturated_s: float = 0.0,
     saturated_retry_after_s: int = 2,
@@ -343,7 +344,9 @@ async def serve(
 
     ``capacity``, ``first_poll_throttle_share``, ``saturated_s`` and ``saturated_retry_after_s``
     override the profile's value unless left at their defaults; ``latency`` (seconds) sets a
-    fixed added latency per request, ``retry_after`` (whole seconds) every fault's Retry-After.
+    fixed added latency per request (or, with ``jitter``, its lognormal median, ``jitter`` the
+    sigma; ``jitter`` alone changes the profile's sigma), ``retry_after`` (whole seconds) every
+    fault's Retry-After.
     """
     chosen = resolve_profile(profile)
     given: dict[str, Any] = {
@@ -355,7 +358,11 @@ async def serve(
     defaults = {f.name: f.default for f in fields(Profile)}
     overrides = {name: value for name, value in given.items() if value != defaults[name]}
     if latency is not None:
-        overrides.update(latency_median_s=latency, latency_sigma=0.0)
+        overrides.update(latency_median_s=latency, latency_sigma=jitter or 0.0)
+    elif jitter is not None:
+        overrides.update(latency_sigma=jitter)
+    if jitter is not None and not (jitter >= 0 and math.isfinite(jitter)):
+        raise UsageError(f"--jitter must be a number >= 0 (got {jitter})")
     if retry_after is not None:
         overrides.update(retry_after_s=(retry_after, retry_after))
     if overrides:
