@@ -15,10 +15,11 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
+from . import __version__
 from .errors import ExitCode, HarvesterError, UsageError
 from .open_files import raise_open_files_to_hard
 from .progress import setup_logging
@@ -50,8 +51,19 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr (what is wrong, where to look) and exit 2,
+    not argparse's usage block first: what a scheduler's log should show."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
     return value
@@ -64,7 +76,7 @@ def _shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_run(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("run", help="harvest a CSV of conversation ids into a Parquet dataset")
     p.add_argument(
         "--ids", required=True, type=Path, help="CSV with an id column, or one id per line"
@@ -170,7 +182,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
 
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
+def _add_serve(sub: argparse._SubParsersAction[_Parser], full: bool) -> None:
     p = sub.add_parser("serve", help="run the API simulator (no network, no real token)")
     if not full:
         return
@@ -246,7 +258,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
     )
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
+def _add_demo(sub: argparse._SubParsersAction[_Parser], full: bool) -> None:
     p = sub.add_parser(
         "demo", help="harvest ~20k ids from the bundled simulator (no network, no token)"
     )
@@ -273,7 +285,7 @@ def _add_token_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: bool) -> None:
+def _add_bench(sub: argparse._SubParsersAction[_Parser], full: bool) -> None:
     p = sub.add_parser(
         "bench",
         help="measure an API's capacity: constant request rates in steps, latency percentiles",
@@ -330,8 +342,9 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], full: b
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; the simulator's commands get their options only when ``command`` is
     one of them or None (the whole parser)."""
-    parser = argparse.ArgumentParser(prog="harvester", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="harvester", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"harvester {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)  # each a _Parser too
     full = command is None or command in _SIMULATOR_COMMANDS
     _add_run(sub)
     _add_serve(sub, full)
@@ -470,7 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harvester`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command if command in _COMMANDS else None).parse_args(argv)
+    args, unknown = build_parser(command if command in _COMMANDS else None).parse_known_args(argv)
+    if unknown:  # named with the command's own help, not the top level's
+        where = f"harvester {args.command}"
+        print(
+            f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     setup_logging()
     try:
         return _COMMANDS[args.command](args, argv)

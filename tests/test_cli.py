@@ -135,3 +135,33 @@ def test_module_entry_point_and_help() -> None:
     assert done.returncode == 0
     for command in ("run", "serve", "demo"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--rate", "-5"], ["--rate", "abc"], ["--shard", "2/2"], ["--bogus"], ["--concurrency", "x"]],
+    ids=["negative", "not-a-number", "shard", "unknown-option", "not-an-int"],
+)
+def test_a_bad_command_line_is_one_line_naming_the_commands_help(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    """No usage block first: one line saying what is wrong and which --help to read."""
+    try:
+        code: object = main(["run", "--ids", "ids.csv", "--out", str(tmp_path / "out"), *extra])
+    except SystemExit as stopped:  # argparse's own errors leave by exit(2)
+        code = stopped.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("harvester run: error: ")
+    assert err[0].endswith("(see harvester run --help)")
+    assert "usage:" not in err[0]
+    assert "_positive_float" not in err[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``harvester --version`` prints the installed version."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("harvester ")
