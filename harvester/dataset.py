@@ -120,13 +120,15 @@ def open_dataset(root: Path) -> ds.Dataset:
         raise OutputError(f"{root}: cannot open the dataset ({exc})") from exc
 
 
-def load_done(root: Path, shard: Shard | None = None) -> DoneSet:
-    """Keys of every id (of ``shard``) that already has a row under ``root``: what to skip.
+def load_done(root: Path, shard: Shard | None = None, files: list[str] | None = None) -> DoneSet:
+    """Keys of every id (of ``shard``) that already has a row under ``root``: what to skip
+    (``files``: its ``committed_files``, when the caller has listed them already).
 
     One file at a time into one preallocated array, then one sort: 10M rows load in about
     3 s with a peak of about 34 bytes an id (24 of which stay: the key and its uint64 head).
     """
-    files = committed_files(root) if root.is_dir() else []
+    if files is None:
+        files = committed_files(root) if root.is_dir() else []
     try:
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         keys = np.empty(total, dtype=KEY_DTYPE)

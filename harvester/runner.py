@@ -102,7 +102,8 @@ class Run:
             total = reader.count_lines()
             check_layout(s.out_dir)
             self._lease.acquire()
-            if not committed_files(s.out_dir):
+            files = committed_files(s.out_dir)  # listed once: a big DIR has many
+            if not files:
                 # Right after the lease (which makes DIR/_harvester/, and without which another
                 # run would take this file's temporary for a dead run's): from now on, whatever
                 # happens (a signal while loading, kill -9), the DIR opens in every reader.
@@ -110,7 +111,7 @@ class Run:
             removed = clean_stale_temporaries(s.out_dir)
             if removed:
                 log.info("removed %d temporary files left by stopped runs", removed)
-            done = load_done(s.out_dir, s.shard)
+            done = load_done(s.out_dir, s.shard, files)
         except BaseException:
             reader.close()
             self._lease.release()

@@ -5,12 +5,13 @@ path-like one, ``__HIVE_DEFAULT_PARTITION__``) and check that they are stored as
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .server_thread import ServerThread
 
 RETRIEVING = (202, {"status": "retrieving"})
 FAILED = (202, {"status": "failed"})
@@ -18,7 +19,7 @@ FAILED = (202, {"status": "failed"})
 Answer = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 
 
-class ApiDouble:
+class ApiDouble(ServerThread):
     """``GET /ai/completions?id=`` on a loopback port, served from a thread of its own.
 
     ``scripts`` maps an id to the answers of its polls in order; the last one repeats. Ids
@@ -32,14 +33,11 @@ class ApiDouble:
         token: str,
         every: Answer | None = None,
     ) -> None:
+        super().__init__()
         self.scripts = scripts or {}
         self.token = token
         self.every = every
         self.polls: Counter[str] = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
         self.base_url = ""
 
     async def _answer(self, request: web.Request) -> web.Response:
@@ -60,12 +58,7 @@ class ApiDouble:
             status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
         )
 
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
+    async def _serve(self, stop: asyncio.Event) -> None:
         app = web.Application()
         app.router.add_get("/ai/completions", self._answer)
         runner = web.AppRunner(app, access_log=None)
@@ -76,17 +69,6 @@ class ApiDouble:
         self.base_url = f"http://127.0.0.1:{port}"
         self._ready.set()
         try:
-            await self._stop.wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
-
-    def __enter__(self) -> ApiDouble:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the API double did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)

@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -27,6 +26,8 @@ from harvester.dataset import open_dataset
 from harvester.model import TARGETING_FIELDS, Completion
 from harvester.settings import RunSettings
 from harvester.sim import Simulator
+
+from .server_thread import ServerThread
 
 TOKEN = "test-token-7f3a9c"  # distinctive, so tests can grep outputs for it
 
@@ -103,38 +104,19 @@ def sim_factory() -> Callable[..., Simulator]:
     return lambda **kw: Simulator(**{"token": TOKEN, "profile": "instant", **kw})
 
 
-class ThreadedSimulator:
+class ThreadedSimulator(ServerThread):
     """A simulator on its own loop in a thread, for tests that call the blocking CLI."""
 
     def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
         self._kwargs = {"token": TOKEN, "profile": "instant", **kwargs}
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
         self.sim: Simulator | None = None
 
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
+    async def _serve(self, stop: asyncio.Event) -> None:
         async with Simulator(**self._kwargs) as sim:
             self.sim = sim
             self._ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> ThreadedSimulator:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("simulator thread did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+            await stop.wait()
 
     @property
     def base_url(self) -> str:
