@@ -1,14 +1,20 @@
 """harvester as an Airflow DAG: one mapped task per shard, each ``harvester run --shard K/N``.
 
 Dynamic task mapping (``.expand``) makes SHARDS task instances from one definition; each
-harvests the ids whose stable hash falls in its shard, into one dataset directory that every
-worker mounts (``/data`` here). Retrying a task resumes its shard from the committed rows.
+harvests the ids whose stable hash falls in its shard, into one dataset in S3 (workers share
+no disk; each shard's lease object in the bucket keeps a second run of it out). Retrying a
+task resumes its shard from the committed rows. Workers need ``pip install 'harvester[s3]'``.
 
 The token is read from the Airflow Variable ``massive_api_token`` (or a secrets backend
-behind it) at run time and passed in the environment, never on the command line.
+behind it) at run time and passed in the environment, never on the command line. S3
+credentials come the same way from the Airflow connection ``aws_default`` (type Amazon Web
+Services: login = access key id, password = secret key, extra ``region_name`` and, for MinIO
+and other S3-compatible stores, ``endpoint_url``); with no such connection harvester uses
+the worker's own AWS identity (instance role, IRSA, ~/.aws with AWS_PROFILE).
 
 Exit codes decide retries: 1 (some ids unresolved) and 130 (stopped by a signal) are finished
-by running the same command again, so the task fails and Airflow retries it; 2 (bad input or
+by running the same command again, so the task fails and Airflow retries it, as it does 4
+(output not written) and 5 (nothing answered at --base-url: an outage may end); 2 (bad input or
 settings) and 3 (token or credit refused) fail at once without retries, because a rerun cannot
 succeed until a person fixes the cause.
 
@@ -31,10 +37,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 try:  # Airflow 3
-    from airflow.sdk import DAG, Variable, task
+    from airflow.sdk import DAG, BaseHook, Variable, task
 except ImportError:  # Airflow 2.x
     from airflow import DAG
     from airflow.decorators import task
+    from airflow.hooks.base import BaseHook
     from airflow.models import Variable
 from airflow.exceptions import AirflowException, AirflowFailException
 
@@ -42,9 +49,10 @@ SHARDS = 8
 # Requests/s for all shards together: --rate is per process, so each shard gets a share.
 TOTAL_RATE = 400.0
 COMMAND = (
-    "harvester run --ids /data/ids.csv --out /data/completions --shard {shard}/{shards} "
-    "--rate {rate} --concurrency 32 --json --no-progress"
+    "harvester run --ids s3://harvest-data/input/ids.csv.gz --out s3://harvest-data/completions "
+    "--shard {shard}/{shards} --rate {rate} --concurrency 32 --json --no-progress"
 )
+AWS_CONN_ID = "aws_default"
 NO_RETRY = {2: "bad input or settings", 3: "the API refused the token or the credit ran out"}
 
 log = logging.getLogger(__name__)
@@ -55,9 +63,30 @@ def shard_command(shard: int) -> list[str]:
     return shlex.split(COMMAND.format(shard=shard, shards=SHARDS, rate=TOTAL_RATE / SHARDS))
 
 
+def aws_environment() -> dict[str, str]:
+    """The AWS_* variables of the ``aws_default`` connection ({} when there is none: the
+    worker's own AWS identity then applies)."""
+    try:
+        conn = BaseHook.get_connection(AWS_CONN_ID)
+    except Exception:  # no such connection (Airflow raises its own not-found error)
+        return {}
+    extra = conn.extra_dejson
+    env = {
+        "AWS_ACCESS_KEY_ID": conn.login or "",
+        "AWS_SECRET_ACCESS_KEY": conn.password or "",
+        "AWS_REGION": extra.get("region_name", ""),
+        "AWS_ENDPOINT_URL": extra.get("endpoint_url", ""),
+    }
+    return {name: value for name, value in env.items() if value}
+
+
 def harvest_shard(shard: int) -> dict[str, Any]:
     """Run one shard to its end; return its JSON summary (an XCom), or fail by exit code."""
-    env = {**os.environ, "MASSIVE_API_TOKEN": Variable.get("massive_api_token")}
+    env = {
+        **os.environ,
+        **aws_environment(),
+        "MASSIVE_API_TOKEN": Variable.get("massive_api_token"),
+    }
     with subprocess.Popen(
         shard_command(shard),
         env=env,

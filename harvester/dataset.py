@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import OutputError, UsageError
@@ -27,8 +26,12 @@ from .ids import CANONICAL, invalid_key, uuid_key
 from .idset import KEY_DTYPE, DoneSet, Keys, as_keys
 from .model import API_FIELDS, EXTRA_FIELD, LIST_FIELDS, TARGETING_FIELDS, TEXT_FIELDS
 from .shard import Shard
+from .storage import META_DIR, Store, fsync_dir, open_store
 
-META_DIR = "_harvester"
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
+
+__all__ = ["META_DIR", "fsync_dir"]  # re-exported: older callers import them from here
 PARTITION_COLUMNS = ("harvest_date", "model_key")
 NULL_MODEL_KEY = "~null"  # failed and invalid rows: no model
 
@@ -50,7 +53,6 @@ FILE_SCHEMA = pa.schema(
     ]
 )
 PARTITION_SCHEMA = pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS])
-HIVE_PARTITIONING = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
 # Given explicitly so that an empty or metadata-only DIR still has every column.
 DATASET_SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITION_SCHEMA])
 
@@ -82,66 +84,92 @@ def partition_key(model: str | None) -> str:
     return f"{_UNSAFE.sub('_', model[:40])}~{digest}"
 
 
+def partition_rel(harvest_date: str, model: str | None) -> str:
+    """Path of one partition relative to the root, ``/``-separated (a store's key prefix)."""
+    return f"harvest_date={harvest_date}/model_key={partition_key(model)}"
+
+
 def partition_dir(root: Path, harvest_date: str, model: str | None) -> Path:
     """Directory of one partition, always inside ``root``."""
-    return root / f"harvest_date={harvest_date}" / f"model_key={partition_key(model)}"
+    return root / partition_rel(harvest_date, model)
 
 
-def check_layout(root: Path) -> None:
+def check_layout(root: Path | str | Store) -> None:
     """Refuse a DIR written in the layout of harvester 0.x (``model=`` partitions, no
     ``model`` column in the files): rows of both layouts in one DIR are unreadable."""
-    if root.is_dir() and next(root.glob("harvest_date=*/model=*"), None) is not None:
+    store = open_store(root)
+    if store.has_old_layout():
         raise UsageError(
-            f"{root} holds a dataset in the old layout (model=... folders); "
+            f"{store.url} holds a dataset in the old layout (model=... folders); "
             "give a new --out (this version writes model_key=... folders)"
         )
 
 
-def committed_files(root: Path) -> list[str]:
+def committed_files(root: Path | str | Store) -> list[str]:
     """The data files of ``root``: only committed ``part-*.parquet`` files in partitions.
 
     Listing them, rather than letting pyarrow take every file, keeps a stray README, CSV or
     a temporary left by a crash from ever being read as data.
     """
-    return sorted(str(p) for p in root.glob("harvest_date=*/model_key=*/part-*.parquet"))
+    return open_store(root).committed_files()
 
 
-def open_dataset(root: Path) -> ds.Dataset:
+def open_dataset(root: Path | str | Store) -> ds.Dataset:
     """The committed dataset under ``root``, with every column even when it is empty."""
+    # Imported here: pyarrow.dataset loads pandas (0.3 s), which a run never needs.
+    import pyarrow.dataset as ds
+
+    store = open_store(root)
     try:
         return ds.dataset(
-            committed_files(root),
+            store.committed_files(),
             format="parquet",
             schema=DATASET_SCHEMA,
-            partitioning=HIVE_PARTITIONING,
-            partition_base_dir=str(root),
+            partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
+            partition_base_dir=store.base,
+            filesystem=store.filesystem,
         )
     except (pa.ArrowException, OSError) as exc:
-        raise OutputError(f"{root}: cannot open the dataset ({exc})") from exc
+        raise OutputError(f"{store.url}: cannot open the dataset ({exc})") from exc
 
 
-def load_done(root: Path, shard: Shard | None = None, files: list[str] | None = None) -> DoneSet:
+def load_done(
+    root: Path | str | Store, shard: Shard | None = None, files: list[str] | None = None
+) -> DoneSet:
     """Keys of every id (of ``shard``) that already has a row under ``root``: what to skip
     (``files``: its ``committed_files``, when the caller has listed them already).
 
     One file at a time into one preallocated array, then one sort: 10M rows load in about
     3 s with a peak of about 34 bytes an id (24 of which stay: the key and its uint64 head).
+    A row present twice (in a file and in its compacted copy, for an instant) counts once.
     """
-    if files is None:
-        files = committed_files(root) if root.is_dir() else []
+    store = open_store(root)
+    for _ in range(3):  # bounded: a compaction deleting inputs meanwhile is rare
+        try:
+            return _load_keys(store, shard, store.committed_files() if files is None else files)
+        except FileNotFoundError:
+            files = None  # merged away since the listing: the merged file holds its rows
+    raise OutputError(f"{store.url}: files keep vanishing while loading; rerun")
+
+
+def _load_keys(store: Store, shard: Shard | None, files: list[str]) -> DoneSet:
+    fs = store.filesystem
     try:
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        total = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
         keys = np.empty(total, dtype=KEY_DTYPE)
         filled = 0
         for f in files:
-            for batch in pq.read_table(f, columns=["id", "status"]).to_batches():
+            table = pq.read_table(f, columns=["id", "status"], filesystem=fs)
+            for batch in table.to_batches():
                 chunk = _batch_keys(batch)
                 if shard is not None:
                     chunk = chunk[shard.mask(chunk)]
                 keys[filled : filled + len(chunk)] = chunk
                 filled += len(chunk)
+    except FileNotFoundError:
+        raise
     except (pa.ArrowException, OSError) as exc:
-        raise OutputError(f"{root}: cannot read the existing rows ({exc})") from exc
+        raise OutputError(f"{store.url}: cannot read the existing rows ({exc})") from exc
     return DoneSet.from_array(keys[:filled])
 
 
@@ -183,15 +211,3 @@ def uuid_keys(ids: pa.Array) -> Keys:
         raise OutputError("the dataset holds a non-uuid id outside an invalid row")
     packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
     return np.ascontiguousarray(packed).view(KEY_DTYPE).reshape(-1)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -2,21 +2,27 @@
 
 The reader never holds the file: it yields batches of a few thousand values, each with the
 16-byte key that the compact ``IdSet`` stores. Values that are not uuids are kept (clipped)
-so that they become ``invalid`` rows instead of vanishing.
+so that they become ``invalid`` rows instead of vanishing. The file may be local or in object
+storage (``s3://...``), and gzip- or zstd-compressed by its suffix (``.gz``, ``.zst``):
+decompressed as it streams, by pyarrow's own codecs.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import pyarrow as pa
+
 from .errors import InputError
 from .idset import Keys, Mask, as_keys
+from .storage import open_input
 
 if TYPE_CHECKING:
     from _csv import Reader
@@ -32,6 +38,23 @@ _LENIENT = re.compile(
 MAX_INVALID_CHARS = 1024  # an invalid value is stored (and deduplicated) by its first 1024 chars
 _SNIFF_BYTES = 64 * 1024
 _FIELD_LIMIT = 16 * 1024 * 1024
+# Compressed inputs, by suffix, and the pyarrow codec that reads them.
+CODECS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def codec_of(location: str | Path) -> str | None:
+    """The codec an input is compressed with, by its suffix (None: plain text)."""
+    name = str(location).rsplit("/", 1)[-1].lower()
+    return next((codec for suffix, codec in CODECS.items() if name.endswith(suffix)), None)
+
+
+def open_binary(location: str | Path) -> tuple[pa.NativeFile, int]:
+    """A stream of the input's bytes, decompressed, and its size as stored (for messages)."""
+    raw, size = open_input(location)
+    codec = codec_of(location)
+    if codec is None:
+        return raw, size
+    return pa.CompressedInputStream(raw, codec), size
 
 
 def normalise(raw: str) -> str | None:
@@ -105,7 +128,12 @@ class IdReader:
     """Streams ids from a CSV with a header naming the id column, or one id per line."""
 
     def __init__(
-        self, path: Path, *, id_column: str = "id", batch_size: int = 4096, strict: bool = False
+        self,
+        path: Path | str,
+        *,
+        id_column: str = "id",
+        batch_size: int = 4096,
+        strict: bool = False,
     ) -> None:
         self.path = path
         self.id_column = id_column
@@ -119,7 +147,13 @@ class IdReader:
         """Check the file and return an iterator of batches; raises ``InputError`` with a reason."""
         self.size_bytes = self._check_file()
         csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-        handle = self._handle = self.path.open(encoding="utf-8-sig", errors="replace", newline="")
+        raw, _ = self._open_binary()
+        handle = self._handle = io.TextIOWrapper(
+            raw,  # a pyarrow stream is a binary file object
+            encoding="utf-8-sig",
+            errors="replace",
+            newline="",
+        )
         rows = csv.reader(handle)
         try:
             column, first = self._locate_column(rows)
@@ -139,24 +173,34 @@ class IdReader:
     def count_lines(self) -> int:
         """Cheap upper bound on the number of ids (lines, less the header), for the ETA."""
         count, last = 0, b"\n"
-        with self.path.open("rb") as handle:
+        handle, _ = self._open_binary()
+        with handle:
             while chunk := handle.read(1 << 20):
                 count += chunk.count(b"\n")
                 last = chunk[-1:]
         count += last != b"\n"  # a last line without its newline
         return max(count - self.has_header, 0)
 
-    def _check_file(self) -> int:
+    def _open_binary(self) -> tuple[pa.NativeFile, int]:
         try:
-            with self.path.open("rb") as handle:
-                head = handle.read(_SNIFF_BYTES)
-            size = self.path.stat().st_size
+            return open_binary(self.path)
         except FileNotFoundError:
             raise InputError(f"{self.path}: no such file") from None
         except IsADirectoryError:
             raise InputError(f"{self.path}: is a directory, not a CSV file") from None
-        except OSError as exc:
+        except PermissionError as exc:
             raise InputError(f"{self.path}: cannot read it ({exc.strerror})") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{self.path}: cannot read it ({exc})") from exc
+
+    def _check_file(self) -> int:
+        handle, size = self._open_binary()
+        try:
+            with handle:
+                head = handle.read(_SNIFF_BYTES)
+        except (OSError, pa.ArrowException) as exc:
+            # A truncated or corrupt .gz/.zst fails here, before any request.
+            raise InputError(f"{self.path}: cannot read it ({exc})") from exc
         if not head.strip():
             raise InputError(f"{self.path}: the file is empty; give a CSV of ids")
         if b"\x00" in head:
@@ -208,6 +252,8 @@ class IdReader:
                 row = next(reader)
             except StopIteration:
                 return None
+            except (OSError, pa.ArrowException) as exc:  # a .gz/.zst corrupt past its start
+                raise InputError(f"{self.path}:{reader.line_num}: cannot read on ({exc})") from exc
             except csv.Error as exc:
                 # A line the csv module cannot take (say, a field over 16 MiB) becomes an
                 # invalid row naming the line, and reading goes on; --strict stops here.

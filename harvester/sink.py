@@ -1,16 +1,16 @@
 """Buffers terminal rows and commits them as Parquet files, encoded off the event loop.
 
-A file is written under a hidden temporary name, fsynced, then renamed into place: a file a
-reader can see is always complete, and a row is done exactly when its file is renamed. What
-was buffered but not yet committed is lost on a crash (at most ``flush_interval`` of work)
-and is polled again by the next run, so nothing is stored twice.
+Each file is committed through the dataset's ``Store``: locally under a hidden temporary
+name, fsynced, then renamed into place; in object storage as one PUT of a key unique to the
+run and commit. A file a reader can see is always complete, and a row is done exactly when
+its file appears. What was buffered but not yet committed is lost on a crash (at most
+``flush_interval`` of work) and is polled again by the next run, so nothing is stored twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,14 +20,16 @@ from sys import getsizeof
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .dataset import FILE_SCHEMA, STRING_COLUMNS, fsync_dir, partition_dir
-from .errors import OutputError
+from .dataset import FILE_SCHEMA, STRING_COLUMNS, partition_rel
 from .model import TEXT_FIELDS, Completion, Kind
+from .storage import Store, open_store
 
 # Text columns counted toward the buffer's size (targeting values are a few bytes).
 _SIZED = frozenset(TEXT_FIELDS)
+# Rows are turned into Arrow about this much text at a time (see ``_Columns.table``): a copy
+# of 2 MiB holds the GIL for about a millisecond.
+SLICE_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -44,7 +46,16 @@ class _Columns:
     harvested_at: list[int] = field(default_factory=list)
     extra: list[str | None] = field(default_factory=list)
 
+    nbytes: int = 0  # the text buffered, as counted by ``ParquetSink.add``
+
     def table(self) -> pa.Table:
+        """The rows as one table, converted a slice of about ``SLICE_BYTES`` at a time.
+
+        pyarrow holds the GIL while it copies Python strings into Arrow buffers; one call over
+        a whole flush (tens of MB) would stall the event loop, in the other thread, as long.
+        Between two slices the loop thread gets the GIL back (the interpreter hands it over
+        every ``sys.getswitchinterval()``), so a stall is bounded by one slice's copy.
+        """
         arrays: dict[str, Any] = {"id": self.id, "status": self.status, **self.texts}
         arrays.update(
             fanouts=self.fanouts,
@@ -52,7 +63,19 @@ class _Columns:
             harvested_at=self.harvested_at,
             extra=self.extra,
         )
-        return pa.table({name: arrays[name] for name in FILE_SCHEMA.names}, schema=FILE_SCHEMA)
+        rows = len(self.id)
+        step = max(1, rows * SLICE_BYTES // max(self.nbytes, 1))
+        columns = [
+            pa.chunked_array(
+                [
+                    pa.array(arrays[f.name][start : start + step], type=f.type)
+                    for start in range(0, rows, step)
+                ],
+                type=f.type,
+            )
+            for f in FILE_SCHEMA
+        ]
+        return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
 
 
 class ParquetSink:
@@ -60,14 +83,14 @@ class ParquetSink:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | Store,
         *,
         run_id: str,
         flush_rows: int = 50_000,
         flush_bytes: int = 32 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.root = root
+        self.store = open_store(root)
         self.run_id = run_id
         self.flush_rows = flush_rows
         self.flush_bytes = flush_bytes
@@ -105,7 +128,9 @@ class ParquetSink:
             cols.fanouts.append(None)
             cols.extra.append(None)
         else:
-            self._bytes += self._add_doc(cols, doc)
+            size = self._add_doc(cols, doc)
+            cols.nbytes += size
+            self._bytes += size
         self._bytes += 200
         self._rows += 1
         if self.full():
@@ -170,40 +195,21 @@ class ParquetSink:
 
     def _write_all(self, parts: dict[tuple[str, str | None], _Columns], seq: int) -> None:
         for offset, ((day, model), cols) in enumerate(parts.items()):
-            self._write_one(partition_dir(self.root, day, model), cols, seq + offset)
+            self._write_one(partition_rel(day, model), cols, seq + offset)
 
-    def _write_one(self, directory: Path, cols: _Columns, seq: int) -> None:
-        rows = _commit(directory, f"part-{self.run_id}-{seq:06d}.parquet", cols.table())
+    def _write_one(self, directory: str, cols: _Columns, seq: int) -> None:
+        name = f"{directory}/part-{self.run_id}-{seq:06d}.parquet"
+        rows = self.store.commit(name, cols.table())
         # Counted here, in the writer thread, so a cancelled flush still counts its files.
         self.rows_written += rows
         self.files_written += 1
 
 
-def commit_empty(root: Path, run_id: str, now: float) -> None:
+def commit_empty(root: Path | Store, run_id: str, now: float) -> None:
     """Commit a file of no rows, so that a DIR no answer has reached yet (a run stopped
     while loading, or killed) still opens in every reader with every column typed: pyarrow
     infers no types from metadata alone, and DuckDB and Polars refuse a glob matching
     nothing. Harmless beside any other file, so it needs no lease."""
     day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-    _commit(partition_dir(root, day, None), f"part-{run_id}-000000.parquet", _Columns().table())
-
-
-def _commit(directory: Path, name: str, table: pa.Table) -> int:
-    """Write ``table`` as ``directory/name``: hidden temporary, fsync, rename; its rows."""
-    tmp = directory / f".{name}.tmp"
-    try:
-        created = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)  # other shards may make it too
-        if created:  # a new partition folder must survive a power cut with its file
-            fsync_dir(directory.parent)
-            fsync_dir(directory.parent.parent)
-        with tmp.open("wb") as handle:
-            pq.write_table(table, handle, compression="zstd", row_group_size=max(1, table.num_rows))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
-        fsync_dir(directory)
-    except (OSError, pa.ArrowException) as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {directory / name}: {exc}") from exc
-    return int(table.num_rows)
+    name = f"{partition_rel(day, None)}/part-{run_id}-000000.parquet"
+    open_store(root).commit(name, _Columns().table())

@@ -68,7 +68,7 @@ def write_csv(path: Path, values: list[str], header: str | None = "id") -> Path:
     return path
 
 
-def fast_settings(ids: Path, out: Path, base_url: str, **overrides: Any) -> RunSettings:
+def fast_settings(ids: Path | str, out: Path | str, base_url: str, **overrides: Any) -> RunSettings:
     """Settings whose waits are scaled down for tests; every loop still bounded by max_wait."""
     base = RunSettings(
         ids_path=ids,

@@ -10,13 +10,14 @@ import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
 
 from harvester.cli import build_parser
 from harvester.shard import Shard
+from harvester.storage import parse_location
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 K8S_JOB = CONFIGS / "k8s-indexed-job.yaml"
@@ -58,16 +59,14 @@ def test_k8s_job_is_an_indexed_job_with_one_pod_per_shard() -> None:
 
 def test_k8s_each_pods_command_parses_as_a_run_of_its_shard() -> None:
     """With $(JOB_COMPLETION_INDEX) substituted, every pod's command is a valid ``run`` of
-    shard K/N, with the JSON summary, log lines, and paths on the mounted volume."""
+    shard K/N, with the JSON summary, log lines, and input and output in S3 (no shared disk)."""
     job = load_job()
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
     count = job["spec"]["completions"]
     env = {e["name"]: e for e in container["env"]}
     assert "JOB_COMPLETION_INDEX" in env  # $(VAR) in args expands only variables in env
-    [mount] = container["volumeMounts"]
-    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert volume["persistentVolumeClaim"]["claimName"]
+    assert "volumes" not in pod
     for index in range(count):
         args = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in container["args"]]
         parsed = parse_run([*container["command"], *args])
@@ -75,8 +74,25 @@ def test_k8s_each_pods_command_parses_as_a_run_of_its_shard() -> None:
         assert parsed.json
         assert parsed.no_progress
         assert parsed.workers == 1
-        for path in (parsed.ids, parsed.out):
-            assert Path(mount["mountPath"]) in path.parents
+        for location in (parsed.ids, parsed.out):
+            assert isinstance(parse_location(location), str)
+            assert location.startswith("s3://")
+
+
+def test_k8s_s3_credentials_come_from_the_service_account_or_secrets() -> None:
+    """S3 access comes from the pod's service account (IRSA) and a region; no AWS key is a
+    literal in the manifest, and the commented MinIO keys come from a Secret."""
+    job = load_job()
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_REGION"]["value"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    text = K8S_JOB.read_text(encoding="utf-8")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        [line] = [i for i, line in enumerate(text.splitlines()) if f"name: {name}" in line]
+        assert "secretKeyRef" in text.splitlines()[line + 1]
 
 
 def test_k8s_token_comes_from_a_secret_and_the_grace_period_covers_the_stop() -> None:
@@ -212,6 +228,20 @@ def fake_airflow(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         def get(name: str) -> str:
             return f"token-from-{name}"
 
+    class Connection:
+        login = "key-id"
+        password = "secret-key"
+        extra_dejson: ClassVar[dict[str, str]] = {
+            "region_name": "eu-west-1",
+            "endpoint_url": "http://minio:9000",
+        }
+
+    class BaseHook:
+        @staticmethod
+        def get_connection(conn_id: str) -> Connection:
+            assert conn_id == "aws_default"
+            return Connection()
+
     class AirflowException(Exception):
         pass
 
@@ -219,7 +249,7 @@ def fake_airflow(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         pass
 
     sdk = types.ModuleType("airflow.sdk")
-    vars(sdk).update(DAG=DAG, Variable=Variable, task=lambda **kwargs: Task)
+    vars(sdk).update(DAG=DAG, BaseHook=BaseHook, Variable=Variable, task=lambda **kwargs: Task)
     exceptions = types.ModuleType("airflow.exceptions")
     vars(exceptions).update(
         AirflowException=AirflowException, AirflowFailException=AirflowFailException
@@ -248,6 +278,9 @@ def test_airflow_task_retries_only_what_a_rerun_can_finish(
         script = (
             "import os, sys; "
             "assert os.environ['MASSIVE_API_TOKEN'] == 'token-from-massive_api_token'; "
+            "assert os.environ['AWS_ACCESS_KEY_ID'] == 'key-id'; "
+            "assert os.environ['AWS_SECRET_ACCESS_KEY'] == 'secret-key'; "
+            "assert os.environ['AWS_ENDPOINT_URL'] == 'http://minio:9000'; "
             f'print(\'{{"unresolved": 0, "exit_code": {code}}}\'); sys.exit({code})'
         )
         monkeypatch.setattr(dag, "shard_command", lambda shard: [sys.executable, "-c", script])
