@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from harvester.cli import main
+from harvester.cli import build_parser, main
+from harvester.errors import ExitCode
 
 from .conftest import TOKEN, ThreadedSimulator, make_ids, write_csv
 
@@ -165,3 +168,79 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert stopped.value.code == 0
     assert capsys.readouterr().out.startswith("harvester ")
+
+
+# -- a command line that explains itself ------------------------------------------------------
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser, ``config show`` included, by its name."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in subs:
+            for child, sub in action.choices.items():
+                walk(sub, f"{name} {child}".strip())
+        if not subs:
+            found[name] = parser
+
+    walk(build_parser(), "")
+    return found
+
+
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)
+    ]
+
+
+def test_every_command_is_covered() -> None:
+    """The commands the help tests below walk through (a new one is walked automatically)."""
+    assert {"run", "serve", "demo", "bench", "config show", "inspect"} <= set(_commands())
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_every_option_says_what_it_means_its_default_and_its_placeholder(command: str) -> None:
+    """Non-empty help (none suppressed but the internal --worker-stats), the default shown
+    where there is one ([off] for a flag), and a placeholder that says what to give."""
+    parser = _commands()[command]
+    for action in _options(parser):
+        name = action.option_strings[-1]
+        if name == "--worker-stats":
+            assert action.help is argparse.SUPPRESS  # set by --workers for its children only
+            continue
+        assert action.help, (command, name)
+        assert action.help is not argparse.SUPPRESS, (command, name)
+        if action.nargs == 0:  # a flag
+            assert "[off" in action.help or name == "--json", (command, name)
+            continue
+        assert action.metavar is not None or action.choices, (command, name)
+        assert str(action.metavar).isupper() or action.choices, (command, name)
+        if action.default is not None:
+            shown = parser._get_formatter()._expand_help(action)
+            assert f"[{action.default}" in shown or f"[{action.default} bytes" in shown, (
+                command,
+                name,
+                shown,
+            )
+
+
+def test_run_help_lists_exit_codes_and_the_token_variable() -> None:
+    """``run --help``: every ExitCode with its meaning, MASSIVE_API_TOKEN as required."""
+    text = _commands()["run"].format_help()
+    for code in ExitCode:
+        assert code.meaning, f"errors.EXIT_MEANINGS has no line for {code!r}"
+        assert re.search(rf"^\s+{int(code)}\s+{re.escape(code.meaning)}$", text, re.M), code
+    assert re.search(r"MASSIVE_API_TOKEN\s+the API token: required", text)
+    assert "HARVESTER_<NAME>" in text
+    assert "[26214400 bytes (25 MiB)]" in " ".join(text.split())
+    assert "[0/1: the whole input]" in " ".join(text.split())
+
+
+def test_top_level_help_has_no_markup() -> None:
+    """The description is plain text: no ``double-backtick`` markup from a docstring."""
+    text = build_parser().format_help()
+    assert "``" not in text
+    for command in ("run", "serve", "demo", "bench", "config", "inspect"):
+        assert re.search(rf"^\s+{command}\s+\w", text, re.M), command
