@@ -1,14 +1,21 @@
 """``harvester bench``: an open-model capacity benchmark of the completions endpoint.
 
 Each step sends requests at a constant arrival rate on a fixed schedule of intended send times
-(``t0 + i/R``), whatever the answers, so a slow server cannot slow the load down (no coordinated
-omission). Latency is kept twice, in HDR histograms (microseconds, 3 significant digits): from
-the intended send time (what a user arriving on schedule would see) and from the actual send.
+(``t0 + i/R``, R the ``paced_rate`` of the offered one), whatever the answers, so a slow server
+cannot slow the load down (no coordinated omission). Latency is kept twice, in HDR histograms
+(microseconds, 3 significant digits): from the intended send time (what a user arriving on
+schedule would see) and from the actual send.
 
 A request waits for one of ``--concurrency`` slots and for the sliding send log (never more than
-``floor(R) + 1`` sends in any second, see ``SendLog``), but at most ``MAX_LATENESS_S`` past its
-intended time (1 s, not the end of its step): past that it is counted ``dropped`` and never
-sent. 401/402/403 stop the bench (exit 3); 429/503 are measured as throttled, never retried.
+``floor(R) + 1`` sends in any ``1 + DELIVERY_MARGIN_S`` seconds, see ``SendLog``), but at most
+``MAX_LATENESS_S`` past its intended time (1 s, not the end of its step): past that it is
+counted ``dropped`` and never sent. 401/402/403 stop the bench (exit 3); 429/503 are measured
+as throttled, never retried.
+
+Each step also keeps a per-second series (sent, answered, dropped, statuses, error kinds and
+latency p50/p99 of the answers of that second), and with ``--out`` the raw timings go to
+``requests.parquet`` in row groups, written in a worker thread as the bench goes: memory stays
+bounded however long the bench runs.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import ssl
 import sys
 import time
 import uuid
@@ -26,13 +34,18 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hdrh.histogram import HdrHistogram
 from yarl import URL
 
 from .client import _FATAL_HINTS, make_session
-from .errors import FatalApiError, InputError, UsageError
+from .errors import FatalApiError, InputError, OutputError, UsageError
+from .exporter import Snapshot, hist_snapshot, serve_metrics
 from .ids import IdReader
-from .settings import ENDPOINT_PATH, check_base_url, check_token
+from .looplag import LoopLagMonitor
+from .metrics import LatencyHistogram
+from .settings import ENDPOINT_PATH, check_base_url, check_metrics_address, check_token
 
 __all__ = [
     "BenchSettings",
@@ -45,6 +58,17 @@ __all__ = [
 ]
 
 MAX_LATENESS_S: Final = 1.0  # a request not sent this long after its intended time is dropped
+# How much deliveries may bunch on the way (the client's writes, the network, the server's
+# reads) with the server still counting at most floor(R) + 1 in every sliding second: sends
+# keep floor(R) + 1 in any 1 + DELIVERY_MARGIN_S seconds. With a margin of 1/R only (a window
+# of (floor(R) + 1) / R) the simulator counted 604-616 in its busiest second at 600/s; the
+# client's own writes (aiohttp's request-headers-sent trace) stayed within 601, so the
+# bunching is the server's reads: 7-27 ms here, and more than 20 ms at 200/s with this 2-core
+# machine at a load of 4. 50 ms is the margin `run`'s pacer allows too (pacer.py). It is paid
+# for in rate wherever the +1 does not cover it: a step runs its schedule at
+# min(R, (floor(R) + 1) / (1 + margin)), so exactly R up to 20/s, 96.2/s at 100, 572.4/s at
+# 600, never under R / 1.05; `sent_per_s` reports what was sent.
+DELIVERY_MARGIN_S: Final = 0.05
 SETTLE_S: Final = 1.0  # pause between steps: the send log empties, the server drains
 SUCCESS: Final = frozenset((200, 202, 422))
 THROTTLED: Final = frozenset((429, 503))
@@ -172,6 +196,8 @@ class BenchSettings:
     request_timeout: float = 10.0
     connect_timeout: float = 5.0
     allow_insecure: bool = False
+    metrics_port: int | None = None  # serve Prometheus text at /metrics (0: any free port)
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -199,6 +225,7 @@ class BenchSettings:
         require(self.concurrency >= 1, f"--concurrency must be >= 1 (got {self.concurrency})")
         require(self.request_timeout > 0, "--request-timeout must be > 0 seconds")
         check_base_url(self.base_url, allow_insecure=self.allow_insecure)
+        check_metrics_address(self.metrics_host, self.metrics_port)
 
     @property
     def endpoint(self) -> str:
@@ -209,17 +236,25 @@ class BenchSettings:
 # -- timing logic (pure, on an injected clock) --------------------------------------------------
 
 
+def paced_rate(offered: float, margin: float = DELIVERY_MARGIN_S) -> float:
+    """The rate a step's schedule runs at: ``offered``, or less where ``floor(offered) + 1``
+    sends in any ``1 + margin`` seconds cannot carry it (see ``DELIVERY_MARGIN_S``)."""
+    return min(offered, (math.floor(offered) + 1) / (1.0 + margin))
+
+
 class SendLog:
     """The recent send times: at most ``limit = floor(R) + 1`` sends in any sliding window of
-    ``limit / R`` seconds (so in any second too), and consecutive sends at least ``1 / (4R)``
-    apart, even when the sender catches up after a stall.
+    ``1 + margin`` seconds (so in any second at the server, deliveries bunched by up to
+    ``margin`` included), and consecutive sends at least ``1 / (4R)`` apart, even when the
+    sender catches up after a stall.
 
-    The window is as long as the fixed schedule allows (its sends are exactly ``1/R`` apart):
-    ``1/R`` seconds past one second, a margin for deliveries that bunch on the way.
+    The window is never shorter than ``limit / R``, the most a schedule at R allows: under
+    ``1 / margin`` requests/s the +1 alone gives a margin of ``1/R`` or more.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, margin: float = DELIVERY_MARGIN_S) -> None:
         self._times: deque[float] = deque()
+        self._margin = margin
         self.limit = 1
         self.window = 1.0
         self.gap = 0.0
@@ -227,7 +262,7 @@ class SendLog:
     def set_rate(self, rate: float) -> None:
         """Hold later sends to ``rate``."""
         self.limit = math.floor(rate) + 1
-        self.window = self.limit / rate
+        self.window = max(1.0 + self._margin, self.limit / rate)
         self.gap = 0.25 / rate
 
     def next_free(self, now: float) -> float:
@@ -338,6 +373,7 @@ class StepResult:
     hist: Any = field(default_factory=new_histogram)
     hist_from_send: Any = field(default_factory=new_histogram)
     bisect: bool = False
+    series: Series | None = None  # per-second figures, from the step's start
 
     @property
     def success_ratio(self) -> float:
@@ -356,8 +392,9 @@ class StepResult:
 
     @property
     def rate_reached(self) -> bool:
-        """Nothing dropped and at least 95% of the offered rate sent."""
-        return self.dropped == 0 and self.sent_per_s >= 0.95 * self.offered
+        """Nothing dropped and at least 95% of the step's schedule sent (``paced_rate``: the
+        offered rate less the delivery margin)."""
+        return self.dropped == 0 and self.sent_per_s >= 0.95 * paced_rate(self.offered)
 
     def latency_ms(self, *, from_send: bool = False) -> dict[str, float]:
         """p50/p90/p99/p999/max in ms, from intended (default) or actual send time."""
@@ -386,21 +423,95 @@ class StepResult:
             "sent_per_s": round(self.sent_per_s, 3),
             "answered_per_s": round(self.answered_per_s, 3),
             "rate_reached": self.rate_reached,
+            "series": self.series.seconds if self.series is not None else [],
         }
 
 
-@dataclass
-class Timings:
-    """The raw per-request records, column-wise (for requests.parquet)."""
+class Series:
+    """One step's figures second by second (second ``i`` covers ``[t0 + i, t0 + i + 1)``):
+    requests sent, answered and dropped in it, answers by status, errors by kind, and the
+    p50/p99 latency (from intended send time, ms) of the answers that came in it.
 
-    step: list[int] = field(default_factory=list)
-    offered: list[float] = field(default_factory=list)
-    intended_at: list[float] = field(default_factory=list)
-    sent_at: list[float | None] = field(default_factory=list)
-    latency_ms: list[float | None] = field(default_factory=list)
-    latency_ms_from_send: list[float | None] = field(default_factory=list)
-    status: list[int | None] = field(default_factory=list)
-    error: list[str | None] = field(default_factory=list)
+    Events come in loop-clock order, so only the latest second is open: its latencies are
+    kept as a list and reduced to two percentiles when the next second starts.
+    """
+
+    def __init__(self, t0: float) -> None:
+        self._t0 = t0
+        self.seconds: list[dict[str, Any]] = []
+        self._latencies: list[float] = []
+
+    def _at(self, now: float) -> dict[str, Any]:
+        index = max(0, int(now - self._t0))
+        while len(self.seconds) <= index:
+            self._close()
+            self.seconds.append(
+                {"second": len(self.seconds), "sent": 0, "answered": 0, "dropped": 0,
+                 "status": {}, "errors": {}, "latency_ms": {"p50": 0.0, "p99": 0.0}}
+            )  # fmt: skip
+        return self.seconds[index]
+
+    def _close(self) -> None:
+        if self.seconds and self._latencies:
+            ordered = sorted(self._latencies)
+            self.seconds[-1]["latency_ms"] = {
+                name: round(ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)], 3)
+                for name, q in (("p50", 50.0), ("p99", 99.0))
+            }
+        self._latencies = []
+
+    def sent(self, now: float) -> None:
+        """One request sent at ``now``."""
+        self._at(now)["sent"] += 1
+
+    def dropped(self, now: float) -> None:
+        """One request dropped at ``now``."""
+        self._at(now)["dropped"] += 1
+
+    def answered(self, now: float, status: int, latency_ms: float) -> None:
+        """One answer with ``status`` at ``now``, ``latency_ms`` after its intended time."""
+        second = self._at(now)
+        second["answered"] += 1
+        key = str(status)
+        second["status"][key] = second["status"].get(key, 0) + 1
+        self._latencies.append(latency_ms)
+
+    def failed(self, now: float, kind: str) -> None:
+        """One request that got no answer (``kind``: timeout, connect_error, ...) at ``now``."""
+        errors = self._at(now)["errors"]
+        errors[kind] = errors.get(kind, 0) + 1
+
+    def finish(self) -> None:
+        """Reduce the last second's latencies (call once the step's answers are in)."""
+        self._close()
+
+
+# requests.parquet: one row a request (dropped ones too), times in seconds since the bench began.
+TIMINGS_SCHEMA: Final = pa.schema(
+    [
+        ("step", pa.int32()),
+        ("offered", pa.float64()),
+        ("intended_at", pa.float64()),
+        ("sent_at", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("latency_ms_from_send", pa.float64()),
+        ("status", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+ROW_GROUP_ROWS: Final = 65_536  # rows held before they are written out as one row group
+
+
+class Timings:
+    """The raw per-request records, column-wise, written to ``path`` (requests.parquet) a row
+    group at a time in a worker thread, in order; kept nowhere when ``path`` is None."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows = 0
+        self._columns: dict[str, list[Any]] = {name: [] for name in TIMINGS_SCHEMA.names}
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: asyncio.Task[None] | None = None
 
     def add(
         self,
@@ -413,31 +524,83 @@ class Timings:
         error: str | None,
     ) -> None:
         """Append one request (times in seconds since the bench started)."""
-        self.step.append(step)
-        self.offered.append(offered)
-        self.intended_at.append(round(intended, 6))
-        self.sent_at.append(None if sent is None else round(sent, 6))
+        if self.path is None:
+            return
+        c = self._columns
+        c["step"].append(step)
+        c["offered"].append(offered)
+        c["intended_at"].append(round(intended, 6))
+        c["sent_at"].append(None if sent is None else round(sent, 6))
         answered = done is not None and status is not None
-        self.latency_ms.append(
+        c["latency_ms"].append(
             None if not answered or done is None else round((done - intended) * 1000, 3)
         )
-        self.latency_ms_from_send.append(
+        c["latency_ms_from_send"].append(
             None if not answered or done is None or sent is None else round((done - sent) * 1000, 3)
         )
-        self.status.append(status)
-        self.error.append(error)
+        c["status"].append(status)
+        c["error"].append(error)
+        self.rows += 1
+        if len(c["step"]) >= ROW_GROUP_ROWS:
+            self.spill()
+
+    def spill(self) -> None:
+        """Hand the rows held so far to the writer thread (after any earlier group)."""
+        if self.path is None or not self._columns["step"]:
+            return
+        columns = self._columns
+        self._columns = {name: [] for name in TIMINGS_SCHEMA.names}
+        self._pending = asyncio.create_task(self._write(self._pending, columns))
+
+    async def _write(
+        self, before: asyncio.Task[None] | None, columns: dict[str, list[Any]]
+    ) -> None:
+        if before is not None:
+            await before
+        await asyncio.to_thread(self._write_group, columns)
+
+    def _write_group(self, columns: dict[str, list[Any]] | None) -> None:
+        assert self.path is not None
+        try:
+            if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self.path, TIMINGS_SCHEMA, compression="zstd")
+            if columns is not None:
+                self._writer.write_table(pa.table(columns, schema=TIMINGS_SCHEMA))
+            else:
+                self._writer.close()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path} ({exc.strerror or exc})") from exc
+
+    async def close(self) -> None:
+        """Write what is held and close the file (a file of no rows if nothing was sent)."""
+        if self.path is None:
+            return
+        self.spill()
+        if self._pending is not None:
+            await self._pending
+        await asyncio.to_thread(self._write_group, None)
 
 
 def classify_exception(exc: BaseException) -> str:
-    """The error kind of a transport failure: timeout, connect_error or disconnected."""
+    """The error kind of a request that got no answer, named as ``run`` names it where the
+    two share one: tls_error, connect_timeout, timeout, connect_error, truncated_body,
+    disconnected, bad_answer or client_error. Order matters: the TLS and timeout classes
+    are subclasses of the connection ones."""
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch | ssl.SSLError):
+        return "tls_error"  # a certificate that does not verify, or a failed handshake
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect_timeout"  # no connection within the connect timeout: a full backlog
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect_error"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "truncated_body"  # the headers came, the body ended early
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         return "disconnected"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "disconnected"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "bad_answer"  # not a valid HTTP answer
     return "client_error"
 
 
@@ -451,11 +614,18 @@ class Bench:
         self.clock = clock
         self.started = clock()
         self.steps: list[StepResult] = []
-        self.timings = Timings()
+        out = settings.out_dir
+        self.timings = Timings(out / "requests.parquet" if out is not None else None)
         self.fatal: FatalApiError | None = None
         self._log = SendLog()
         self._session: aiohttp.ClientSession | None = None
         self._prefix = settings.endpoint + "?id="
+        # For /metrics only: every answer's latency from intended time, the loop's lag, what
+        # is in flight and the step's rate (the JSON keeps its HDR histograms per step).
+        self.latency = LatencyHistogram()
+        self.loop_lag = LatencyHistogram()
+        self.in_flight = 0
+        self.offered_now = 0.0
 
     def _take_id(self) -> str:
         value = self._ids[self._next_id % len(self._ids)]
@@ -466,34 +636,45 @@ class Bench:
         """One step at ``offered`` requests/s for ``seconds``; waits for every answer."""
         assert self._session is not None
         index = len(self.steps)
-        step = StepResult(offered=offered, seconds=seconds, bisect=bisect)
+        t0 = self.clock()
+        series = Series(t0)
+        step = StepResult(offered=offered, seconds=seconds, bisect=bisect, series=series)
         self.steps.append(step)
         slots = Slots(self.settings.concurrency)
         self._log.set_rate(offered)
+        self.offered_now = offered
         tasks: set[asyncio.Task[None]] = set()
 
         def send(intended: float, sent_at: float) -> None:
             step.sent += 1
+            self.in_flight += 1
+            series.sent(sent_at)
             task = asyncio.create_task(self._request(index, step, slots, intended, sent_at))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
         def drop(intended: float) -> None:
             step.dropped += 1
+            series.dropped(self.clock())
             self.timings.add(index, offered, intended - self.started, None, None, None, "dropped")
 
-        await dispatch(
-            intended_times(self.clock(), offered, seconds),
-            clock=self.clock,
-            sleep=asyncio.sleep,
-            slots=slots,
-            log=self._log,
-            send=send,
-            drop=drop,
-            stopped=lambda: self.fatal is not None,
-        )
-        if tasks:
-            await asyncio.wait(set(tasks), timeout=self.settings.request_timeout + 5)
+        try:
+            await dispatch(
+                intended_times(t0, paced_rate(offered), seconds),
+                clock=self.clock,
+                sleep=asyncio.sleep,
+                slots=slots,
+                log=self._log,
+                send=send,
+                drop=drop,
+                stopped=lambda: self.fatal is not None,
+            )
+            if tasks:
+                await asyncio.wait(set(tasks), timeout=self.settings.request_timeout + 5)
+        finally:
+            self.offered_now = 0.0
+            series.finish()
+            self.timings.spill()
         if self.fatal is not None:
             raise self.fatal
         return step
@@ -513,6 +694,7 @@ class Bench:
             error = classify_exception(exc)
         finally:
             slots.release()
+            self.in_flight -= 1
         done = self.clock()
         if status is not None:
             step.answered += 1
@@ -520,22 +702,51 @@ class Bench:
             step.status[key] = step.status.get(key, 0) + 1
             if status in SUCCESS:
                 step.success += 1
-            step.hist.record_value(max(1, round((done - intended) * 1e6)))
+            late = done - intended
+            step.hist.record_value(max(1, round(late * 1e6)))
             step.hist_from_send.record_value(max(1, round((done - sent_at) * 1e6)))
+            self.latency.record(late)
+            if step.series is not None:
+                step.series.answered(done, status, late * 1000.0)
             if status in FATAL and self.fatal is None:
                 hint = _FATAL_HINTS.get(status, "")
                 self.fatal = FatalApiError(status, f"the API answered {status}: {hint}")
         else:
             assert error is not None
             step.errors[error] = step.errors.get(error, 0) + 1
+            if step.series is not None:
+                step.series.failed(done, error)
         base = self.started
         self.timings.add(
             index, step.offered, intended - base, sent_at - base, done - base, status, error
         )
 
+    def snapshot(self) -> Snapshot:
+        """What /metrics shows of the bench (see exporter.py): requests by status (``error``
+        for none), in flight, the step's offered rate, latency from intended time, loop lag."""
+        by_status: dict[str, int] = {}
+        for step in self.steps:
+            for key, count in step.status.items():
+                by_status[key] = by_status.get(key, 0) + count
+            failed = sum(step.errors.values())
+            if failed:
+                by_status["error"] = by_status.get("error", 0) + failed
+        return {
+            "requests": by_status,
+            "in_flight": self.in_flight,
+            "in_play": self.in_flight,  # each request is its own id
+            "allowed_rate": self.offered_now,
+            "latency": hist_snapshot(self.latency),
+            "loop_lag": hist_snapshot(self.loop_lag),
+        }
+
     async def run(self, on_step: Callable[[StepResult], None]) -> float | None:
-        """Every step, then the bisection; returns max_rate_within_slo (None without --slo)."""
+        """Every step, then the bisection; returns max_rate_within_slo, the paced rate of the
+        fastest step that held (None without --slo, or when none held)."""
         s = self.settings
+        metrics = serve_metrics(s.metrics_host, s.metrics_port, self.snapshot, what="bench")
+        lag = LoopLagMonitor(self.loop_lag)
+        lag.start()
         connections = min(s.concurrency, 4096)
         self._session = make_session(
             s.token,
@@ -550,9 +761,16 @@ class Bench:
                 on_step(await self.run_step(rate, s.step_seconds))
             if s.slo is None:
                 return None
-            return await self._bisect(s.slo, on_step)
+            best = await self._bisect(s.slo, on_step)
+            # The rate the server got from that step (its schedule), not the rate asked for:
+            # above 20/s the delivery margin makes them differ by up to 5%.
+            return None if best is None else round(paced_rate(best), 1)
         finally:
             await self._session.close()
+            lag.stop()
+            if metrics is not None:
+                metrics.close()
+            await self.timings.close()
 
     async def _bisect(self, slo: Slo, on_step: Callable[[StepResult], None]) -> float | None:
         held = [st.offered for st in self.steps if slo.holds(st)]
@@ -613,8 +831,9 @@ def step_line(step: StepResult, slo: Slo | None) -> str:
     return line
 
 
-async def run_bench(settings: BenchSettings) -> tuple[list[StepResult], float | None, Timings]:
-    """Run the whole bench; raises ``FatalApiError`` on 401/402/403."""
+async def run_bench(settings: BenchSettings) -> tuple[list[StepResult], float | None]:
+    """Run the whole bench (with ``--out``, requests.parquet is written as it goes); raises
+    ``FatalApiError`` on 401/402/403."""
     ids = await asyncio.to_thread(load_ids, settings)
     bench = Bench(settings, ids)
 
@@ -622,4 +841,4 @@ async def run_bench(settings: BenchSettings) -> tuple[list[StepResult], float | 
         print(step_line(step, settings.slo), file=sys.stderr, flush=True)
 
     best = await bench.run(on_step)
-    return bench.steps, best, bench.timings
+    return bench.steps, best

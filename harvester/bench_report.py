@@ -1,17 +1,18 @@
 """What ``harvester bench`` prints and saves: the JSON object, the table, and the --out files
-(bench.json, requests.parquet of raw timings, bench.png when matplotlib is installed)."""
+(bench.json, series.csv of per-second figures, bench.png when matplotlib is installed; the
+bench itself writes requests.parquet of raw timings as it goes)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .bench import StepResult, Timings
+from .bench import StepResult
 
 __all__ = ["bench_json", "format_table", "write_outputs"]
 
@@ -98,25 +99,36 @@ def _write_png(path: Path, steps: list[StepResult]) -> bool:
     return True
 
 
-def write_outputs(
-    out: Path, result: dict[str, Any], steps: list[StepResult], timings: Timings
-) -> None:
-    """DIR/bench.json, DIR/requests.parquet and DIR/bench.png (or a note that it was skipped)."""
+def series_csv(steps: list[StepResult]) -> str:
+    """Every step's per-second series as CSV, one row a second: step, offered, second, sent,
+    answered, dropped, p50_ms, p99_ms, then a count column for each status (``status_200``)
+    and each error kind (``error_timeout``) any second saw."""
+    rows = [(i, s, second) for i, s in enumerate(steps) for second in s.as_dict()["series"]]
+    statuses = sorted({k for _, _, sec in rows for k in sec["status"]}, key=lambda k: int(k))
+    kinds = sorted({k for _, _, sec in rows for k in sec["errors"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["step", "offered", "second", "sent", "answered", "dropped", "p50_ms", "p99_ms"]
+        + [f"status_{k}" for k in statuses]
+        + [f"error_{k}" for k in kinds]
+    )
+    for index, step, sec in rows:
+        writer.writerow(
+            [index, f"{step.offered:g}", sec["second"], sec["sent"], sec["answered"],
+             sec["dropped"], sec["latency_ms"]["p50"], sec["latency_ms"]["p99"]]
+            + [sec["status"].get(k, 0) for k in statuses]
+            + [sec["errors"].get(k, 0) for k in kinds]
+        )  # fmt: skip
+    return buffer.getvalue()
+
+
+def write_outputs(out: Path, result: dict[str, Any], steps: list[StepResult]) -> None:
+    """DIR/bench.json, DIR/series.csv and DIR/bench.png (or a note that it was skipped);
+    DIR/requests.parquet is already there, written during the bench."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    table = pa.table(
-        {
-            "step": pa.array(timings.step, pa.int32()),
-            "offered": pa.array(timings.offered, pa.float64()),
-            "intended_at": pa.array(timings.intended_at, pa.float64()),
-            "sent_at": pa.array(timings.sent_at, pa.float64()),
-            "latency_ms": pa.array(timings.latency_ms, pa.float64()),
-            "latency_ms_from_send": pa.array(timings.latency_ms_from_send, pa.float64()),
-            "status": pa.array(timings.status, pa.int32()),
-            "error": pa.array(timings.error, pa.string()),
-        }
-    )
-    pq.write_table(table, out / "requests.parquet", compression="zstd")
+    (out / "series.csv").write_text(series_csv(steps), encoding="utf-8")
     if not _write_png(out / "bench.png", steps):
         print(
             "bench: note: bench.png skipped (matplotlib is not installed; "

@@ -6,6 +6,7 @@ import math
 import resource
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ MAX_WAIT_REACHED = "max_wait"
 RETRIES_USED_UP = "retries"
 STOPPED = "stopped"
 
+LOOP_LAG_KEYS = ("p50", "p99", "max")  # the summary's ``loop_lag_ms``
+
 _MIN_MS = 0.01
 _GROWTH = math.log(1.01)  # 1% wide buckets: percentiles within 1% whatever the range
 _BUCKETS = 2200  # 0.01 ms * 1.01**2200 is past 10 minutes
@@ -26,12 +29,13 @@ _BUCKETS = 2200  # 0.01 ms * 1.01**2200 is past 10 minutes
 class LatencyHistogram:
     """Log-bucketed request latencies; memory stays the same however many are recorded."""
 
-    __slots__ = ("_counts", "count", "max_ms")
+    __slots__ = ("_counts", "count", "max_ms", "sum_ms")
 
     def __init__(self) -> None:
         self._counts = [0] * _BUCKETS
         self.count = 0
         self.max_ms = 0.0
+        self.sum_ms = 0.0  # for a Prometheus histogram's _sum
 
     def record(self, seconds: float) -> None:
         """Add one latency."""
@@ -39,6 +43,7 @@ class LatencyHistogram:
         index = int(math.log(ms / _MIN_MS) / _GROWTH) if ms > _MIN_MS else 0
         self._counts[min(index, _BUCKETS - 1)] += 1
         self.count += 1
+        self.sum_ms += ms
         if ms > self.max_ms:
             self.max_ms = ms
 
@@ -58,20 +63,35 @@ class LatencyHistogram:
         """The non-empty buckets, for merging histograms across processes."""
         return {str(i): n for i, n in enumerate(self._counts) if n}
 
-    def merge(self, buckets: dict[str, int], max_ms: float) -> None:
+    def merge(self, buckets: dict[str, int], max_ms: float, sum_ms: float = 0.0) -> None:
         """Add another histogram's ``buckets()`` (exact: same bucket bounds everywhere)."""
         for index, n in buckets.items():
             self._counts[int(index)] += n
             self.count += n
         self.max_ms = max(self.max_ms, max_ms)
+        self.sum_ms += sum_ms
 
-    def summary(self) -> dict[str, float]:
-        """p50/p90/p99/max in milliseconds, rounded for display."""
+    def cumulative(self, bounds_ms: Sequence[float]) -> list[int]:
+        """For each bound (ascending, ms), how many values are at or below it; a value counts
+        under the first bound at or above its bucket's top (so within 1% of exact)."""
+        out: list[int] = []
+        seen = 0
+        index = 0
+        for bound in bounds_ms:
+            # Buckets whose top, _MIN_MS * e**(_GROWTH * (i + 1)), is <= bound.
+            top = math.floor(math.log(bound / _MIN_MS) / _GROWTH + 1e-9) if bound > _MIN_MS else 0
+            top = min(top, _BUCKETS)
+            while index < top:
+                seen += self._counts[index]
+                index += 1
+            out.append(seen)
+        return out
+
+    def summary(self, names: Sequence[str] = ("p50", "p90", "p99", "max")) -> dict[str, float]:
+        """The named percentiles (``p50``, ``p90``, ``p99``) and ``max`` in ms, rounded."""
         return {
-            "p50": round(self.percentile(50), 2),
-            "p90": round(self.percentile(90), 2),
-            "p99": round(self.percentile(99), 2),
-            "max": round(self.max_ms, 2),
+            name: round(self.max_ms if name == "max" else self.percentile(float(name[1:])), 2)
+            for name in names
         }
 
 
@@ -158,6 +178,7 @@ class RunStats:
     errors: Counter[str] = field(default_factory=Counter)
     unresolved_reasons: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    loop_lag: LatencyHistogram = field(default_factory=LatencyHistogram)  # see looplag.py
     timeline: Timeline = field(default_factory=Timeline)
     paused_s: float = 0.0  # seconds every request was held by a client-wide pause
 
@@ -216,6 +237,7 @@ class RunStats:
             "requests_per_s": round(self.requests / elapsed, 1),
             "ids_per_s": round(self.finished / elapsed, 1),
             "latency_ms": self.latency.summary(),
+            "loop_lag_ms": self.loop_lag.summary(LOOP_LAG_KEYS),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             **extra,
         }

@@ -21,6 +21,7 @@ from .dataset import META_DIR
 from .errors import OutputError
 from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED
 from .settings import RunSettings
+from .storage import Store, open_store
 
 
 def new_run_id(clock: Callable[[], float] = time.time) -> str:
@@ -29,21 +30,22 @@ def new_run_id(clock: Callable[[], float] = time.time) -> str:
     return f"{stamp}-{secrets.token_hex(4)}"
 
 
-def save_report(root: Path, run_id: str, summary: dict[str, Any], folder: str = "runs") -> None:
+def save_report(
+    root: Path | str | Store, run_id: str, summary: dict[str, Any], folder: str = "runs"
+) -> None:
     """Keep the run's report beside the data, in a metadata path readers skip."""
-    directory = root / META_DIR / folder
-    tmp = directory / f".{run_id}.json.tmp"
+    store = open_store(root)
+    rel = f"{META_DIR}/{folder}/{run_id}.json"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-        tmp.replace(directory / f"{run_id}.json")
+        store.put_bytes(rel, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     except OSError as exc:
-        raise OutputError(f"cannot save the run report in {directory} ({exc.strerror})") from exc
+        raise OutputError(f"cannot save the run report in {store.url} ({exc.strerror})") from exc
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The human summary printed at the end of a run."""
     lat = summary["latency_ms"]
+    lag = summary.get("loop_lag_ms", {})
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors"].items()) or "none"
     paused = summary.get("paused_s", 0)
     return "\n".join(
@@ -58,6 +60,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"503 {summary.get('throttled_503', 0)}, paused {paused} s; errors: {errors}",
             f"  latency ms p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}"
             f"   peak RSS {summary['peak_rss_mb']} MiB",
+            f"  event-loop lag ms p50 {lag.get('p50', 0.0)}  p99 {lag.get('p99', 0.0)}  "
+            f"max {lag.get('max', 0.0)}",
         ]
     )
 

@@ -133,3 +133,25 @@ def test_finished_counts_every_outcome() -> None:
 def test_peak_rss_is_positive() -> None:
     """Peak RSS is reported in MiB and plausible."""
     assert 1.0 < peak_rss_mb() < 1_000_000.0
+
+
+def test_cumulative_counts_match_numpy_within_a_bucket() -> None:
+    """Prometheus buckets from the histogram: counts at or below each bound within 1% of the
+    bound (a value counts under the first bound its bucket's top fits), monotonic, and the
+    sum kept exactly; merging keeps both."""
+    rng = np.random.default_rng(4)
+    seconds = rng.lognormal(mean=np.log(0.02), sigma=1.5, size=20_000)
+    hist = filled(seconds)
+    ms = seconds * 1000.0
+    bounds = [0.005, 0.5, 1.0, 5.0, 25.0, 100.0, 1000.0, 60_000.0]
+    counts = hist.cumulative(bounds)
+    assert counts == sorted(counts)
+    for bound, count in zip(bounds, counts, strict=True):
+        assert int((ms <= bound / 1.01).sum()) <= count <= int((ms <= bound).sum()), bound
+    assert counts[-1] == hist.count == 20_000
+    assert hist.sum_ms == pytest.approx(float(ms.sum()))
+    other = LatencyHistogram()
+    other.merge(hist.buckets(), hist.max_ms, hist.sum_ms)
+    assert other.cumulative(bounds) == counts
+    assert other.sum_ms == pytest.approx(hist.sum_ms)
+    assert LatencyHistogram().cumulative(bounds) == [0] * len(bounds)
