@@ -19,11 +19,29 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # a bad setting or unreadable input: nothing was polled
     REFUSED = 3  # the API refused the token or account (401/402/403), or TLS failed
     OUTPUT = 4  # the dataset could not be read or written
+    UNREACHABLE = 5  # no request ever got an HTTP answer for --unreachable-after seconds
     INTERRUPTED = 130  # SIGINT/SIGTERM: committed rows are kept; rerun to resume
+
+    @property
+    def meaning(self) -> str:
+        """What this code tells a scheduler, for ``run --help`` (empty if not written yet)."""
+        return EXIT_MEANINGS.get(self, "")
+
+
+# One line per code for ``run --help``; tests/test_cli.py checks that every code has one.
+EXIT_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "every unique id has a row",
+    ExitCode.UNRESOLVED: "some ids are unresolved: rerun the same command to finish them",
+    ExitCode.USAGE: "a bad setting or unreadable input: nothing was polled",
+    ExitCode.REFUSED: "the API refused the token or account (401/402/403), or TLS failed",
+    ExitCode.OUTPUT: "the dataset could not be read or written",
+    ExitCode.UNREACHABLE: "nothing ever answered at --base-url (refused, DNS, timeout): check it",
+    ExitCode.INTERRUPTED: "stopped by SIGINT/SIGTERM: committed rows are kept; rerun to resume",
+}
 
 
 # Among several workers' codes, the first of these present wins ...
-_SEVERE = (ExitCode.REFUSED, ExitCode.OUTPUT, ExitCode.USAGE)
+_SEVERE = (ExitCode.REFUSED, ExitCode.OUTPUT, ExitCode.USAGE, ExitCode.UNREACHABLE)
 # ... then any code not listed at all (128 + N for a worker killed by signal N), then these.
 _MILD = (ExitCode.INTERRUPTED, ExitCode.UNRESOLVED, ExitCode.OK)
 
@@ -66,6 +84,13 @@ class FatalApiError(FatalError):
 
 class TlsError(FatalError):
     """The server's certificate did not verify: talking to it further would be unsafe."""
+
+
+class UnreachableError(FatalError):
+    """No request has ever got an HTTP answer, and connections kept failing: the URL or the
+    network is wrong, not the server's load (once it has answered, outages are ridden out)."""
+
+    exit_code = ExitCode.UNREACHABLE
 
 
 # -- one request failed but a later one may succeed -------------------------------------------

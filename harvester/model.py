@@ -33,8 +33,19 @@ API_FIELDS = (*TEXT_FIELDS, *LIST_FIELDS, *TARGETING_FIELDS)
 KNOWN_FIELDS = frozenset(API_FIELDS)
 # Where the fields beyond the spec are kept, as one JSON object (None when there are none).
 EXTRA_FIELD = "extra"
-# Status values of the API's 202 (and the newer 200 status object) that mean "ask again".
-PENDING_STATUSES = frozenset(("retrieving", "archiving"))  # archiving: the newer API's step
+# What a status object says about its id: the 202 of ``/ai/completions`` (``retrieving``,
+# ``failed``) and the 200 status object of the newer ``/ai`` (which adds ``archiving`` and
+# ``successful``). A status object carries no completion, so ``successful`` alone gives no row
+# to store: the id is polled again until the answer is the completion itself (or --max-wait).
+# Any other value is a bad answer, retried like one.
+STATUS_KINDS: dict[str, Kind] = {
+    "retrieving": Kind.RETRIEVING,  # the conversation is in progress
+    "archiving": Kind.RETRIEVING,  # over, and being stored: the completion comes next
+    "successful": Kind.RETRIEVING,  # over, but this answer has no completion in it
+    "failed": Kind.FAILED,  # the conversation failed: terminal (resubmit the prompt)
+}
+# The statuses that mean "ask again later".
+PENDING_STATUSES = frozenset(s for s, kind in STATUS_KINDS.items() if kind is Kind.RETRIEVING)
 
 
 class Completion(TypedDict):

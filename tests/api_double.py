@@ -26,6 +26,8 @@ class ApiDouble(ServerThread):
     without a script stay ``retrieving``. ``every`` answers every request alike (a 402, say).
     """
 
+    PATHS: tuple[str, ...] = ("/ai/completions",)  # where it answers (a subclass may move it)
+
     def __init__(
         self,
         scripts: dict[str, list[Answer]] | None = None,
@@ -60,7 +62,8 @@ class ApiDouble(ServerThread):
 
     async def _serve(self, stop: asyncio.Event) -> None:
         app = web.Application()
-        app.router.add_get("/ai/completions", self._answer)
+        for path in self.PATHS:
+            app.router.add_get(path, self._answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

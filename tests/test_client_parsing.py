@@ -224,11 +224,13 @@ def test_parse_ok_stores_any_value_of_the_right_type(changes: dict[str, Any]) ->
     [
         ({"status": "retrieving"}, Kind.RETRIEVING),
         ({"status": "archiving"}, Kind.RETRIEVING),
+        ({"status": "successful"}, Kind.RETRIEVING),  # no completion in it: ask again
         ({"status": "failed"}, Kind.FAILED),
     ],
 )
 def test_parse_ok_status_object(doc: dict[str, Any], expected: Kind) -> None:
-    """A 200 status object (the newer API's form) means what the same 202 means."""
+    """A 200 status object (the newer API's form) means what the same 202 means; a bare
+    ``successful`` has no completion to store, so the id is polled again for it."""
     assert parse_ok(JSON, body(doc)) == (expected, None)
 
 
@@ -243,7 +245,12 @@ def test_parse_ok_unknown_status_object() -> None:
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [("retrieving", Kind.RETRIEVING), ("archiving", Kind.RETRIEVING), ("failed", Kind.FAILED)],
+    [
+        ("retrieving", Kind.RETRIEVING),
+        ("archiving", Kind.RETRIEVING),
+        ("successful", Kind.RETRIEVING),
+        ("failed", Kind.FAILED),
+    ],
 )
 def test_parse_status_known(status: str, expected: Kind) -> None:
     """Pending statuses are RETRIEVING and ``failed`` is FAILED."""
@@ -251,7 +258,16 @@ def test_parse_status_known(status: str, expected: Kind) -> None:
 
 
 @pytest.mark.parametrize(
-    "doc", [{"status": "completed"}, {"status": "RETRIEVING"}, {"status": None}, {}, {"s": 1}]
+    "doc",
+    [
+        {"status": "completed"},
+        {"status": "RETRIEVING"},
+        {"status": "success"},
+        {"status": None},
+        {"status": ["failed"]},
+        {},
+        {"s": 1},
+    ],
 )
 def test_parse_status_unknown(doc: dict[str, Any]) -> None:
     """Anything else is ``unknown_status``."""

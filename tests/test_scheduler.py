@@ -10,15 +10,24 @@ import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
 
 from harvester.client import CompletionsClient
-from harvester.errors import ThrottledError, TransientError, TransportError
+from harvester.errors import (
+    BadResponseError,
+    ExitCode,
+    ServerError,
+    ThrottledError,
+    TransientError,
+    TransportError,
+    UnreachableError,
+)
 from harvester.ids import Batch, classify
 from harvester.idset import DoneSet, IdSet
-from harvester.metrics import RunStats
+from harvester.metrics import RETRIES_USED_UP, RunStats
 from harvester.model import Completion, Kind
 from harvester.pacer import Pacer
 from harvester.scheduler import Policy, Scheduler
@@ -40,6 +49,8 @@ Answer = Kind | TransientError
 
 class ScriptedClient:
     """Answers each id's polls in turn from its script; records when each poll came."""
+
+    endpoint = "http://127.0.0.1:1/ai/completions"  # named in the unreachable line
 
     def __init__(self, script: dict[str, list[Answer]]) -> None:
         self.script = {k: list(v) for k, v in script.items()}
@@ -85,18 +96,31 @@ async def batches_of(ids: list[str]) -> AsyncIterator[Batch]:
 async def run(
     script: dict[str, list[Answer]], *, concurrency: int = 4, rate: float = 1000.0
 ) -> tuple[ScriptedClient, ListSink, RunStats]:
+    client, sink, stats, _ = await run_with(script, concurrency=concurrency, rate=rate)
+    return client, sink, stats
+
+
+async def run_with(
+    script: dict[str, list[Answer]],
+    *,
+    policy: Policy = POLICY,
+    concurrency: int = 4,
+    rate: float = 1000.0,
+) -> tuple[ScriptedClient, ListSink, RunStats, Scheduler]:
+    """Run the script to its end; the scheduler is returned too, for ``fatal``."""
     client, sink, stats = ScriptedClient(script), ListSink(), RunStats()
     scheduler = Scheduler(
         client=cast(CompletionsClient, client),
         pacer=Pacer(rate),
         sink=cast(ParquetSink, sink),
         stats=stats,
-        policy=POLICY,
+        policy=policy,
         concurrency=concurrency,
         max_in_play=1000,
     )
+    assert not scheduler.input_read()
     await scheduler.run(batches_of(list(script)), IdSet(), DoneSet())
-    return client, sink, stats
+    return client, sink, stats, scheduler
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -165,3 +189,102 @@ def test_policy_spacing_and_backoff_bounds() -> None:
 
 def vars_of(policy: Policy) -> dict[str, Any]:
     return {name: getattr(policy, name) for name in Policy.__dataclass_fields__}
+
+
+# -- nothing answers: fail fast (--unreachable-after) -----------------------------------------
+
+REFUSED = TransportError("connect_error", "connection refused")
+# Retries far apart (backoff up to 100 s), many of them: only the deadline can end the run soon.
+PATIENT = Policy(**{**vars_of(POLICY), "max_retries": 50, "backoff_max": 100.0})
+
+
+def refused(count: int = 60) -> list[Answer]:
+    return [REFUSED for _ in range(count)]
+
+
+@virtual_time
+async def test_nothing_answering_stops_the_run_at_the_deadline_from_the_first_failure() -> None:
+    """Every request refused: the run stops with UnreachableError 30 s after the first failed
+    request, by a timer (no request is in flight then: the id is out a backoff), naming the
+    URL and the cause; not after all 50 retries."""
+    [cid] = make_ids(1)
+    policy = replace(PATIENT, unreachable_after=30.0)
+    loop = asyncio.get_running_loop()
+    client, sink, _, scheduler = await run_with({cid: refused()}, policy=policy)
+    first_failure = client.polls[cid][0] + 0.01  # the scripted answer takes 0.01 s
+    assert isinstance(scheduler.fatal, UnreachableError)
+    assert loop.time() == pytest.approx(first_failure + 30.0, abs=0.01)
+    # Asked at backoffs 0.375, 0.75, 1.5, ... 24 s: the last poll is long before the deadline.
+    assert all(abs(t - (first_failure + 30.0)) > 0.5 for t in client.polls[cid])
+    assert str(scheduler.fatal) == (
+        f"nothing answers at {client.endpoint} for 30 s: connection refused; check --base-url"
+    )
+    assert scheduler.fatal.exit_code is ExitCode.UNREACHABLE
+    assert sink.rows == []
+    assert len(client.polls[cid]) < 10
+
+
+@virtual_time
+async def test_the_latest_cause_is_named() -> None:
+    """Refused, then timing out: the line says what failed last."""
+    [cid] = make_ids(1)
+    timeouts: list[Answer] = [TransportError("timeout", "connect timeout") for _ in range(60)]
+    policy = replace(PATIENT, unreachable_after=5.0)
+    _, _, _, scheduler = await run_with({cid: [REFUSED, *timeouts]}, policy=policy)
+    assert isinstance(scheduler.fatal, UnreachableError)
+    assert ": connect timeout; check --base-url" in str(scheduler.fatal)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        ServerError(500),  # any HTTP status is an answer: the server is there
+        ThrottledError(429, 1.0),
+        BadResponseError("bad_json", "body is not valid JSON"),
+        Kind.RETRIEVING,
+    ],
+    ids=["500", "429", "bad_json", "retrieving"],
+)
+@virtual_time
+async def test_once_the_server_answered_an_outage_is_ridden_out(first: Answer) -> None:
+    """One answer of any kind, then refused for good: no deadline, the id keeps its retries
+    and ends unresolved (exit 1 as before), long after the 30 s a dead URL would get."""
+    [cid] = make_ids(1)
+    policy = replace(PATIENT, unreachable_after=30.0, max_retries=8)
+    loop = asyncio.get_running_loop()
+    _, sink, stats, scheduler = await run_with({cid: [first, *refused()]}, policy=policy)
+    assert scheduler.fatal is None
+    assert (stats.unresolved, sink.rows) == (1, [])
+    assert loop.time() > 60.0
+    assert stats.errors["connect_error"] >= policy.max_retries
+
+
+@virtual_time
+async def test_another_id_answering_before_the_deadline_disarms_it() -> None:
+    """Refused for one id, then another id gets an answer 10 s later: no stop at 30 s."""
+    dead, alive = make_ids(2)
+    policy = replace(PATIENT, unreachable_after=30.0, max_retries=8)
+    late: list[Answer] = [REFUSED, REFUSED, REFUSED, REFUSED, REFUSED, Kind.COMPLETED]
+    _, sink, stats, scheduler = await run_with({dead: refused(), alive: late}, policy=policy)
+    assert scheduler.fatal is None
+    assert [row[:2] for row in sink.rows] == [(alive, Kind.COMPLETED)]
+    assert stats.unresolved == 1
+
+
+@virtual_time
+async def test_without_a_deadline_refused_ids_use_up_their_retries() -> None:
+    """The policy's default (no deadline, as a Scheduler built without one): exit 1's path."""
+    [cid] = make_ids(1)
+    client, _, stats, scheduler = await run_with({cid: refused()}, policy=POLICY)
+    assert scheduler.fatal is None
+    assert stats.unresolved_reasons == {f"{RETRIES_USED_UP}:connect_error": 1}
+    assert len(client.polls[cid]) == POLICY.max_retries + 1
+
+
+@virtual_time
+async def test_input_read_once_the_feeder_is_done() -> None:
+    """``input_read()`` turns true when the whole input has been taken in."""
+    ids = make_ids(5)
+    _, _, stats, scheduler = await run_with({cid: [Kind.COMPLETED] for cid in ids})
+    assert scheduler.input_read()
+    assert stats.unique_ids == 5

@@ -33,12 +33,12 @@ def test_defaults_are_valid() -> None:
     """The defaults need only paths and a token, and point at the real API over https."""
     settings = make()
     assert settings.base_url == DEFAULT_BASE_URL
-    assert settings.endpoint == DEFAULT_BASE_URL + ENDPOINT_PATH
+    assert settings.endpoint_url == DEFAULT_BASE_URL + ENDPOINT_PATH
 
 
 def test_endpoint_ignores_trailing_slash() -> None:
     """A base URL with a trailing slash gives the same endpoint."""
-    assert make(base_url="https://api.example.com/").endpoint == (
+    assert make(base_url="https://api.example.com/").endpoint_url == (
         "https://api.example.com/ai/completions"
     )
 

@@ -595,3 +595,180 @@ def test_vendored_spec_is_a_current_copy() -> None:
     if not SHARED_SPEC.is_file():
         pytest.skip("shared/ is not beside the clone; only the vendored copy was checked")
     assert VENDORED_SPEC.read_bytes() == SHARED_SPEC.read_bytes()
+
+
+# -- the newer form: GET /ai?id= ----------------------------------------------------------------
+
+AI_PATH = "/ai"
+# API-NOTES.md: the newer endpoint's status objects, all answered with 200.
+NEWER_STATUSES = ("retrieving", "archiving", "successful", "failed")
+ARCHIVING = replace(QUIET, archiving_s=2.0)
+
+
+async def get_ai(client: Client, id_: str | None, headers: dict[str, str] | None = None) -> Any:
+    """GET /ai and return status, content type, body and headers."""
+    params = {} if id_ is None else {"id": id_}
+    async with client.get(
+        AI_PATH, params=params, headers=AUTH if headers is None else headers
+    ) as r:
+        return r.status, r.content_type, await r.read(), dict(r.headers)
+
+
+def newer_spec() -> OpenAPI:
+    """The contract of ``GET /ai`` as API-NOTES.md describes it: the older endpoint's, with
+    200 for a Completion or a status object of the newer statuses, no 202, and 402 added."""
+    contents, _ = FilePathReader(
+        str(SHARED_SPEC if SHARED_SPEC.is_file() else VENDORED_SPEC)
+    ).read()
+    spec = copy.deepcopy(dict(contents))
+    properties = spec["components"]["schemas"]["Completion"]["properties"]
+    for name in ("device", "country", "subdivision", "city"):
+        properties[name]["type"] = ["string", "null"]
+    operation = copy.deepcopy(spec["paths"]["/ai/completions"]["get"])
+    status_object = {
+        "type": "object",
+        "properties": {"status": {"type": "string", "enum": list(NEWER_STATUSES)}},
+        "required": ["status"],
+        "additionalProperties": False,
+    }
+    json_200 = operation["responses"]["200"]["content"]["application/json"]
+    json_200["schema"] = {"oneOf": [json_200["schema"], status_object]}
+    del operation["responses"]["202"]
+    operation["responses"]["402"] = {"$ref": "#/components/responses/authenticationError"}
+    spec["paths"] = {AI_PATH: {"get": operation}}
+    return OpenAPI.from_dict(spec)
+
+
+async def test_ai_answers_the_same_plan_with_200_status_objects() -> None:
+    """/ai: retrieving until the id's ready time, archiving for the profile's archiving_s,
+    then the same bytes /ai/completions serves; every status object with 200."""
+    clock = FakeClock(10.0)
+    id_ = completing(profile=ARCHIVING)
+    ready_in = plan_for(id_, seed=0, profile=ARCHIVING).ready_delay_s
+    async with running(make_app(profile=ARCHIVING, clock=clock)) as client:
+        assert (await get_ai(client, id_))[:3] == (
+            200,
+            "application/json",
+            b'{"status":"retrieving"}',
+        )
+        clock.now = 10.0 + ready_in - 0.01
+        assert (await get_ai(client, id_))[2] == b'{"status":"retrieving"}'
+        clock.now = 10.0 + ready_in + 0.01
+        assert (await get_ai(client, id_))[:3] == (
+            200,
+            "application/json",
+            b'{"status":"archiving"}',
+        )
+        # The older endpoint, asked meanwhile, has the completion already: it never archives.
+        older = await get(client, id_)
+        assert older[0] == 200
+        clock.now = 10.0 + ready_in + 2.01
+        newer = await get_ai(client, id_)
+    assert newer[:3] == (200, "application/json", older[2])
+    assert orjson.loads(newer[2]) == expected_completion(id_, seed=0, profile=ARCHIVING)
+
+
+async def test_ai_and_completions_share_the_per_id_state() -> None:
+    """An id first seen at /ai/completions has the same ready time on /ai (one plan, one
+    first sighting; realistic archives for 1 s), and a failing id is failed on both, with
+    202 on the older endpoint and 200 on the newer."""
+    clock = FakeClock()
+    done, lost = completing(), failing()
+    ready_in = plan_for(done, seed=0, profile=QUIET).ready_delay_s
+    assert QUIET.archiving_s == 1.0
+    async with running(make_app(profile=QUIET, clock=clock)) as client:
+        await get(client, done)
+        await get(client, lost)
+        clock.now = ready_in - 0.01
+        assert (await get_ai(client, done))[2] == b'{"status":"retrieving"}'
+        clock.now = ready_in + 0.01
+        assert (await get_ai(client, done))[2] == b'{"status":"archiving"}'
+        clock.now = ready_in + 1.01
+        assert (await get_ai(client, done))[2] == (await get(client, done))[2]
+        clock.now = 1000.0
+        assert (await get(client, lost))[:3] == (202, "application/json", b'{"status":"failed"}')
+        assert (await get_ai(client, lost))[:3] == (200, "application/json", b'{"status":"failed"}')
+
+
+async def test_ai_errors_are_those_of_the_older_endpoint() -> None:
+    """401, 403, 402 and 422 on /ai: the same text/plain answers as on /ai/completions."""
+    async with running(make_app(profile=INSTANT)) as client:
+        cases = [
+            (completing(profile=INSTANT), {}),
+            (completing(profile=INSTANT), {"Authorization": "Bearer wrong"}),
+            (completing(profile=INSTANT), {"Authorization": "Bearer no-credit"}),
+            ("not-a-uuid", AUTH),
+            (None, AUTH),
+        ]
+        for id_, headers in cases:
+            newer, older = await get_ai(client, id_, headers), await get(client, id_, headers)
+            assert newer[:3] == older[:3]
+            assert newer[0] in (401, 402, 403, 422)
+            assert newer[1] == "text/plain"
+
+
+async def test_ai_faults_keep_their_kind_status_objects_come_with_200() -> None:
+    """Under faults, /ai sends no 202 at all: an unknown status too comes with 200, and
+    throttles keep their Retry-After."""
+    profile = replace(INSTANT, unknown_status_share=0.4, throttle_429_share=0.4)
+    statuses: Counter[int] = Counter()
+    bodies: set[bytes] = set()
+    async with running(make_app(profile=profile, time_scale=0.01)) as client:
+        for id_ in make_ids(60, seed=9):
+            status, _, body, headers = await get_ai(client, id_)
+            statuses[status] += 1
+            if status == 429:
+                assert "Retry-After" in headers
+            elif status == 200 and b'"status"' in body:
+                bodies.add(body)
+    assert 202 not in statuses
+    assert {200, 429} <= set(statuses)
+    assert b'{"status": "queued"}' in bodies
+
+
+async def test_ai_answers_validate_against_the_newer_contract() -> None:
+    """Every kind of /ai answer (retrieving, archiving, failed, a Completion targeted and not,
+    401/402/403/422) matches the contract API-NOTES.md gives the newer form."""
+    clock = FakeClock()
+    api = newer_spec()
+    targeted = find_id(
+        lambda i: (
+            (c := expected_completion(i, seed=0, profile=ARCHIVING)) is not None
+            and c["device"] is not None
+        )
+    )
+    untargeted = find_id(
+        lambda i: (
+            (c := expected_completion(i, seed=0, profile=ARCHIVING)) is not None
+            and c["country"] is None
+        )
+    )
+    answers = []
+    async with running(make_app(profile=ARCHIVING, clock=clock)) as client:
+        for id_ in (targeted, untargeted, failing(profile=ARCHIVING)):
+            answers.append(await get_ai(client, id_))  # retrieving
+        for id_ in (targeted, untargeted):  # each over, and archiving for 2 s
+            clock.now = plan_for(id_, seed=0, profile=ARCHIVING).ready_delay_s + 0.5
+            answers.append(await get_ai(client, id_))
+        clock.now = 1000.0
+        answers.append(await get_ai(client, failing(profile=ARCHIVING)))
+        answers.append(await get_ai(client, targeted))
+        answers.append(await get_ai(client, untargeted))
+        answers.append(await get_ai(client, targeted, {}))
+        answers.append(await get_ai(client, targeted, {"Authorization": "Bearer bad"}))
+        answers.append(await get_ai(client, targeted, {"Authorization": "Bearer no-credit"}))
+        answers.append(await get_ai(client, "x" * 300))
+    bodies = [a[2] for a in answers]
+    assert [a[0] for a in answers] == [200] * 8 + [401, 403, 402, 422]
+    assert bodies[:6] == [b'{"status":"retrieving"}'] * 3 + [b'{"status":"archiving"}'] * 2 + [
+        b'{"status":"failed"}'
+    ]
+    request = MockRequest(
+        "https://render.joinmassive.com", "get", AI_PATH, args={"id": targeted}, headers=AUTH
+    )
+    api.validate_request(request)
+    for status, _, body, headers in answers:
+        response = MockResponse(body, status_code=status, content_type=headers["Content-Type"])
+        api.validate_response(request, response)
+    with pytest.raises(InvalidData):  # not vacuous: a status the newer form lacks fails
+        api.validate_response(request, MockResponse(b'{"status":"queued"}', status_code=200))

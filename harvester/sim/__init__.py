@@ -1,4 +1,5 @@
-"""An in-process simulator of ``GET /ai/completions?id=<uuid>`` for the demo, tests and benchmarks.
+"""An in-process simulator of ``GET /ai/completions?id=<uuid>`` for the demo, tests and benchmarks;
+the newer ``GET /ai?id=<uuid>`` answers by the same plans, its status objects with 200.
 
 * ``Authorization: Bearer <token>``: no header -> 401, wrong token -> 403 (``token=None`` turns
   auth off). The bearer token ``no-credit`` always answers 402, so tests can reach that path.
@@ -24,10 +25,11 @@ Modules: ``content`` (documents), ``profiles`` (knobs), ``plans`` (per-id fate),
 from .decide import NO_CREDIT_TOKEN, format_retry_after
 from .plans import IdPlan, expected_completion, plan_for
 from .profiles import PROFILES, ModelTiming, Profile, resolve_profile
-from .server import COMPLETIONS_PATH, STATS_KEY, Simulator, make_app, serve
+from .server import AI_PATH, COMPLETIONS_PATH, STATS_KEY, Simulator, make_app, serve
 from .stats import SimulatorStats
 
 __all__ = [
+    "AI_PATH",
     "COMPLETIONS_PATH",
     "NO_CREDIT_TOKEN",
     "PROFILES",

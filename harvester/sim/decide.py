@@ -8,7 +8,9 @@ The server runs them in this order and sends the first answer it gets::
 ``decide`` itself throttles first (over capacity, or the id's first poll), then lets a fault
 replace the answer (errors, bad bodies, drops) or change how it is sent (truncated, cut after
 the headers, dripped, stalled); otherwise the id answers by its plan: 202 retrieving before its
-ready time, then 202 failed or the 200 Completion (JSON, or its ``html`` as text/html).
+ready time, then 202 failed or the 200 Completion (JSON, or its ``html`` as text/html). Asked
+at the newer ``GET /ai?id=`` (``Poll.newer_form``), the same plan answers every status object
+with 200, and says ``archiving`` for the profile's ``archiving_s`` before the Completion.
 The server draws a fault only when ``needs_fault`` says the answer depends on one, so requests
 that are throttled consume no draw.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "check_saturation",
     "decide",
     "format_retry_after",
+    "in_newer_form",
     "needs_fault",
     "throttle_answer",
 ]
@@ -54,6 +57,7 @@ HTML: Final = "text/html"
 
 _RETRIEVING: Final = b'{"status":"retrieving"}'
 _FAILED: Final = b'{"status":"failed"}'
+_ARCHIVING: Final = b'{"status":"archiving"}'  # the newer form only
 
 
 class Send(enum.Enum):
@@ -102,6 +106,7 @@ class Poll:
     over_capacity: bool = False  # the server's rate limit refused it (see CapacityBucket)
     wants_html: bool = False  # Accept lists text/html and not application/json
     wall_now: float = 0.0  # time.time(), for a Retry-After given as an HTTP date
+    newer_form: bool = False  # asked at GET /ai?id=: status objects come with 200
 
 
 class CapacityBucket:
@@ -219,19 +224,29 @@ def decide(poll: Poll, fault: DrawnFault | None, setup: Setup) -> Answer:
     if throttled is not None:
         return throttled
     if fault is not None and (answer_fault := _REPLACING.get(fault.fault)) is not None:
-        return answer_fault(fault, poll, setup)
+        answer = answer_fault(fault, poll, setup)
+        return in_newer_form(answer) if poll.newer_form else answer
     answer = _by_plan(poll, setup)
     if fault is not None and (change := _CHANGING.get(fault.fault)) is not None:
         answer = change(answer, setup)
-    return answer
+    return in_newer_form(answer) if poll.newer_form else answer
+
+
+def in_newer_form(answer: Answer) -> Answer:
+    """The answer as ``GET /ai?id=`` sends it: a status object with 200, not 202; the rest
+    (completions, errors, throttles, drops) as the older endpoint sends it."""
+    return replace(answer, status=200) if answer.status == 202 else answer
 
 
 def _by_plan(poll: Poll, setup: Setup) -> Answer:
-    """202 retrieving before the ready time, then 202 failed or the 200 Completion."""
+    """202 retrieving before the ready time, then 202 failed or the 200 Completion; the newer
+    form says archiving for the profile's archiving_s between the two (see in_newer_form)."""
     if poll.now < poll.ready_at:
         return Answer(status=202, body=_RETRIEVING)
     if poll.plan.fails:
         return Answer(status=202, body=_FAILED)
+    if poll.newer_form and poll.now < poll.ready_at + setup.profile.archiving_s * setup.time_scale:
+        return Answer(status=202, body=_ARCHIVING)
     completion = completion_for(poll.plan, setup.seed, setup.profile)
     if poll.wants_html:
         return Answer(body=str(completion["html"]).encode(), content_type=HTML)

@@ -132,6 +132,9 @@ class Profile:
     first_poll_throttle_share: float = 0.0  # share of ids whose first request gets 429 or 503
     saturated_s: float = 0.0  # 429 to every request this long after the server's first one
     saturated_retry_after_s: int = 2  # the Retry-After of those 429s, whole seconds
+    # GET /ai?id= only: seconds a finished conversation answers {"status":"archiving"} (200)
+    # before its Completion; the older endpoint goes straight to the Completion.
+    archiving_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject settings the simulator cannot honour, saying which value to change."""
@@ -157,7 +160,7 @@ class Profile:
         lo, hi = self.retry_after_s
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise UsageError(f"{where}: retry_after_s must be (least, most) whole seconds >= 1")
-        for name in ("drip_s", "stall_s", "capacity_rps", "saturated_s"):
+        for name in ("drip_s", "stall_s", "capacity_rps", "saturated_s", "archiving_s"):
             _check_non_negative(where, name, getattr(self, name))
         _check_whole_seconds(where, "saturated_retry_after_s", self.saturated_retry_after_s)
         if self.oversize_bytes < 1:
@@ -193,6 +196,7 @@ PROFILES: Final[dict[str, Profile]] = {
         throttle_429_share=0.01,
         unavailable_503_share=0.01,
         retry_after_s=(1, 5),
+        archiving_s=1.0,
     ),
     # Everything going wrong at once, about 30% of requests, yet every id still harvestable.
     "chaos": Profile(

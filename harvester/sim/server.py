@@ -1,4 +1,5 @@
-"""The simulator as an aiohttp.web app: ``GET /ai/completions?id=<uuid>``, plus its stats.
+"""The simulator as an aiohttp.web app: ``GET /ai/completions?id=<uuid>`` and the newer
+``GET /ai?id=<uuid>`` (the same per-id plan; status objects answered with 200), plus its stats.
 
 It follows ``shared/spec/ai-completions.openapi.yaml`` and the real-world behaviour in
 ``shared/API-NOTES.md``; what each request gets is decided by the pure functions of
@@ -46,9 +47,10 @@ from .plans import plan_id
 from .profiles import Profile, resolve_profile
 from .stats import SimulatorStats
 
-__all__ = ["COMPLETIONS_PATH", "STATS_KEY", "Simulator", "make_app", "serve"]
+__all__ = ["AI_PATH", "COMPLETIONS_PATH", "STATS_KEY", "Simulator", "make_app", "serve"]
 
 COMPLETIONS_PATH: Final = "/ai/completions"
+AI_PATH: Final = "/ai"  # the newer form of the same endpoint
 STATS_KEY: Final = web.AppKey("harvester_simulator_stats", SimulatorStats)
 _DRIP_PIECES: Final = 10
 
@@ -91,16 +93,23 @@ class _Server:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one GET /ai/completions, keeping it in flight until the answer is written."""
+        return await self._handle(request, newer_form=False)
+
+    async def handle_ai(self, request: web.Request) -> web.StreamResponse:
+        """Answer one GET /ai?id= (the newer form), by the same plans and state."""
+        return await self._handle(request, newer_form=True)
+
+    async def _handle(self, request: web.Request, *, newer_form: bool) -> web.StreamResponse:
         arrived = self.clock()
         self.stats.arrive(arrived)
         if self.first_request_at is None:
             self.first_request_at = arrived
         try:
-            return await self._send(request, await self._answer(request))
+            return await self._send(request, await self._answer(request, newer_form=newer_form))
         finally:
             self.stats.in_flight -= 1
 
-    async def _answer(self, request: web.Request) -> Answer:
+    async def _answer(self, request: web.Request, *, newer_form: bool) -> Answer:
         """Decide the answer after the added latency, updating the id's state."""
         if self.down:
             return DROPPED
@@ -119,7 +128,8 @@ class _Server:
         id_ = raw_id.lower()
         plan = plan_id(id_, self.seed, self.profile)
         ready_at = now
-        if plan.ready_delay_s > 0:
+        # Tracked only where it matters: a ready delay, or an archiving spell to time.
+        if plan.ready_delay_s > 0 or (newer_form and self.profile.archiving_s > 0):
             ready_at = self.first_seen.setdefault(id_, now) + plan.ready_delay_s * self.time_scale
         first_request = False
         if plan.first_poll_throttle is not None and id_ not in self.first_polled:
@@ -134,6 +144,7 @@ class _Server:
             over_capacity=not self.capacity.admit(now),
             wants_html="text/html" in accept and "application/json" not in accept,
             wall_now=wall_now,
+            newer_form=newer_form,
         )
         fault = None
         if needs_fault(poll, self.setup):
@@ -252,6 +263,7 @@ def make_app(
     app[STATS_KEY] = server.stats
     app[_SERVER_KEY] = server
     app.router.add_get(COMPLETIONS_PATH, server.handle)
+    app.router.add_get(AI_PATH, server.handle_ai)
     app.router.add_get("/_sim/stats", server.stats_view)
     app.router.add_post("/_sim/reset", server.reset_view)
     return app
