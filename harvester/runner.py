@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -16,11 +17,14 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 
 from .client import CompletionsClient, make_session
+from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
-from .errors import ExitCode, InputError, end_code
+from .errors import ExitCode, InputError, UsageError, end_code
+from .exporter import MetricsServer, run_snapshot, serve_metrics
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
 from .lease import RunLease, clean_stale_temporaries
+from .looplag import LoopLagMonitor
 from .metrics import STOPPED, RunStats
 from .open_files import ensure_open_files
 from .pacer import Pacer
@@ -30,6 +34,7 @@ from .scheduler import Policy, Scheduler
 from .settings import RunSettings
 from .sink import ParquetSink, commit_empty
 from .stopping import StopSignals
+from .storage import open_store
 from .workers import report_counters
 
 log = logging.getLogger("harvester")
@@ -53,7 +58,9 @@ class Run:
         self._scheduler: Scheduler | None = None
         self._pacer: Pacer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._lease = RunLease(settings.out_dir, self.run_id, settings.shard)
+        self.metrics: MetricsServer | None = None  # /metrics while harvesting (--metrics-port)
+        self.store = open_store(settings.out_dir)  # a local DIR or an object store
+        self._lease = RunLease(self.store, self.run_id, settings.shard, ttl=settings.lease_ttl)
 
     async def execute(self) -> RunResult:
         """Harvest, commit and report; the session is closed only if this run opened it."""
@@ -77,14 +84,36 @@ class Run:
         )
         started = time.monotonic()
         sink = ParquetSink(
-            s.out_dir, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
+            self.store, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
         )
         try:
             await self._harvest(session, sink, _batches_from(batches), done, total)
         finally:
             if self._session is None:
                 await session.close()
+        if s.compact and not self._signals.count and self._scheduler_ok():
+            await asyncio.to_thread(self._compact_own_files)
         return self._finish(time.monotonic() - started)
+
+    def _scheduler_ok(self) -> bool:
+        return self._scheduler is not None and self._scheduler.fatal is None
+
+    def _compact_own_files(self) -> None:
+        """``--compact``: merge this run's files, still under its lease; a compaction
+        already running elsewhere is no failure (this run's files wait for the next one)."""
+        try:
+            result = compact(
+                self.store, CompactSettings(only_run=self.run_id, lease_ttl=self.settings.lease_ttl)
+            )
+        except UsageError as exc:
+            log.warning("not compacting: %s", exc)
+            return
+        log.info(
+            "compacted this run's files: %d rows merged; %d data files before, %d after",
+            result.rows_merged,
+            result.files_before,
+            result.files_after,
+        )
 
     def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
@@ -100,18 +129,20 @@ class Run:
                 raise InputError(f"{s.ids_path}: no ids after the header; give at least one id")
             batches = itertools.chain([first], batches)
             total = reader.count_lines()
-            check_layout(s.out_dir)
+            check_layout(self.store)
             self._lease.acquire()
-            files = committed_files(s.out_dir)  # listed once: a big DIR has many
+            files = committed_files(self.store)  # listed once: a big DIR has many
             if not files:
                 # Right after the lease (which makes DIR/_harvester/, and without which another
                 # run would take this file's temporary for a dead run's): from now on, whatever
                 # happens (a signal while loading, kill -9), the DIR opens in every reader.
-                commit_empty(s.out_dir, self.run_id, time.time())
-            removed = clean_stale_temporaries(s.out_dir)
+                commit_empty(self.store, self.run_id, time.time())
+            removed = clean_stale_temporaries(self.store)
+            if roll_forward(self.store):  # a killed compaction's inputs, kept in its output
+                files = committed_files(self.store)
             if removed:
                 log.info("removed %d temporary files left by stopped runs", removed)
-            done = load_done(s.out_dir, s.shard, files)
+            done = load_done(self.store, s.shard, files)
         except BaseException:
             reader.close()
             self._lease.release()
@@ -129,7 +160,7 @@ class Run:
         s = self.settings
         client = CompletionsClient(
             session,
-            s.endpoint,
+            s.endpoint_url,
             token=s.token,
             max_body_bytes=s.max_body_bytes,
             retry_after_max=s.retry_after_max,
@@ -146,18 +177,35 @@ class Run:
             shard=s.shard,
         )
         interval = 0.0 if s.worker_stats else s.log_interval
+        input_read = scheduler.input_read  # from then on, progress shows the exact total
         progress = Progress(
-            self.stats, total=total, enabled=s.progress, interval=interval, note=pacer.note
+            self.stats,
+            total=total,
+            enabled=s.progress,
+            interval=interval,
+            note=pacer.note,
+            input_read=input_read,
         )
+        live = functools.partial(run_snapshot, self.stats, pacer, scheduler)  # for /metrics
+        # A --workers child never serves: its parent does, for the whole run.
+        port = None if s.worker_stats else s.metrics_port
+        self.metrics = serve_metrics(s.metrics_host, port, live)  # first: a busy port stops here
         flusher = asyncio.create_task(sink.commit_periodically(s.flush_interval))
         flusher.add_done_callback(self._on_flusher_done)
-        reporter = asyncio.create_task(report_counters(self.stats)) if s.worker_stats else None
+        reporter = (
+            asyncio.create_task(report_counters(self.stats, live, input_read))
+            if s.worker_stats
+            else None
+        )
+        lag = asyncio.create_task(LoopLagMonitor(self.stats.loop_lag).watch())
         try:
             with progress:
                 await self._run_scheduler(scheduler, batches, done)
             await sink.flush()
         finally:
-            for task in (flusher, reporter):
+            if self.metrics is not None:
+                self.metrics.close()
+            for task in (flusher, reporter, lag):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -214,9 +262,11 @@ class Run:
         )
         if self.settings.worker_stats:
             summary["latency_buckets"] = self.stats.latency.buckets()
-        save_report(self.settings.out_dir, self.run_id, summary)
+            if fatal is not None:  # every worker meets it: the parent says it once for all
+                summary["fatal"], message = message, None
+        save_report(self.store, self.run_id, summary)
         timeline = self.stats.timeline.as_dict()
-        save_report(self.settings.out_dir, self.run_id, timeline, folder="timelines")
+        save_report(self.store, self.run_id, timeline, folder="timelines")
         return RunResult(code, summary, message)
 
 

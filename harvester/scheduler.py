@@ -9,12 +9,13 @@ no slot. The feeder keeps at most ``max_in_play`` ids between input and outcome.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .client import CompletionsClient
-from .errors import FatalError, ThrottledError, TransientError, TransportError
+from .errors import FatalError, ThrottledError, TransientError, TransportError, UnreachableError
 from .ids import Batch
 from .idset import DoneSet, IdSet
 from .intake import sort_out
@@ -39,6 +40,9 @@ class Policy:
     max_retries: int
     backoff_base: float
     backoff_max: float
+    # Seconds after the first failed request at which, if nothing has answered yet, the run
+    # stops (UnreachableError); inf: never.
+    unreachable_after: float = math.inf
 
     @classmethod
     def of(cls, settings: RunSettings) -> Policy:
@@ -50,6 +54,7 @@ class Policy:
             max_retries=settings.max_retries,
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
+            unreachable_after=settings.unreachable_after,
         )
 
     def next_poll(self, polls: int) -> float:
@@ -107,6 +112,12 @@ class Scheduler:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()  # workers inside a request
+        # Until the server first answers (any HTTP status), failed connections arm a timer
+        # that stops the run: a wrong URL fails in seconds, not after every id's retries.
+        self._answered = False
+        self._unreachable: asyncio.TimerHandle | None = None
+        self._last_failure: TransportError | None = None
+        self._input_read = False
         self.fatal: FatalError | None = None
 
     @property
@@ -132,12 +143,19 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(feeder, *workers, return_exceptions=True)
 
+    def input_read(self) -> bool:
+        """True once the feeder has read the whole input: ``unique_ids`` is then exact."""
+        return self._input_read
+
     def stop(self) -> None:
         """Issue no more polls; workers finish the request they have in flight, then return."""
         if self._stopping:
             return
         self._stopping = True
         self._feeding = False
+        if self._unreachable is not None:
+            self._unreachable.cancel()
+            self._unreachable = None
         for _ in range(self._concurrency):
             self._ready.put_nowait(None)
         # Workers not in a request (waiting for an id, or out a Retry-After pause that may
@@ -162,13 +180,19 @@ class Scheduler:
         except BaseException:
             self.stop()  # the input failed mid-way: let the workers return, then re-raise
             raise
+        self._input_read = not self._stopping
         self._feeding = False
         self._maybe_finish()
 
     async def _feed(self, batches: AsyncIterator[Batch], seen: IdSet, done: DoneSet) -> None:
         stats = self._stats
         async for batch in batches:
-            intake = sort_out(batch, shard=self._shard, seen=seen, done=done)
+            # In a worker thread: merging the seen set's sorted runs takes ~0.1 s a million
+            # ids, in numpy code that releases the GIL. Only the feeder touches both sets,
+            # and it awaits each batch, so no two threads ever use them at once.
+            intake = await asyncio.to_thread(
+                sort_out, batch, shard=self._shard, seen=seen, done=done
+            )
             stats.already_done += intake.already_done
             stats.unique_ids += intake.already_done + len(intake.fresh)
             stats.duplicates += intake.duplicates
@@ -237,17 +261,48 @@ class Scheduler:
             # Nothing came back (refused, dropped, timed out): no word on the server's load;
             # anything else is an answer, if a bad one, and not a throttle.
             answer = Answer.NONE if isinstance(exc, TransportError) else Answer.ACCEPTED
+            if isinstance(exc, TransportError) and not self._answered:
+                self._arm_unreachable(exc)
             self._on_transient(entry, exc)
             return
         except FatalError as exc:
             self._abort(exc)
             return
         finally:
+            if answer is not Answer.NONE and not self._answered:
+                self._on_first_answer()
             stats.in_flight -= 1
             stats.latency.record(loop.time() - now)
             stats.timeline.record(now, self._pacer.rate, answer)
             self._pacer.record(answer, retry_after, probe=probe)
         await self._settle(entry, kind, doc)
+
+    def _arm_unreachable(self, exc: TransportError) -> None:
+        """The first failed request before any answer starts the clock (a loop timer, so it
+        fires even when every id is waiting out a backoff); later failures leave it be."""
+        self._last_failure = exc  # the line names the latest cause
+        if self._unreachable is not None or math.isinf(self._policy.unreachable_after):
+            return
+        self._unreachable = self._loop.call_later(
+            self._policy.unreachable_after, self._give_up_unreachable
+        )
+
+    def _on_first_answer(self) -> None:
+        """The server answered (any status): from now on outages are ridden out."""
+        self._answered = True
+        if self._unreachable is not None:
+            self._unreachable.cancel()
+            self._unreachable = None
+
+    def _give_up_unreachable(self) -> None:
+        self._unreachable = None
+        if self._answered or self._stopping:
+            return
+        url, seconds = self._client.endpoint, f"{self._policy.unreachable_after:g}"
+        cause = self._last_failure
+        self._abort(
+            UnreachableError(f"nothing answers at {url} for {seconds} s: {cause}; check --base-url")
+        )
 
     def _on_throttled(self, entry: _Entry, exc: ThrottledError) -> None:
         """429/503: this id waits out its Retry-After on a timer, holding no slot; the pacer

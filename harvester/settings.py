@@ -9,10 +9,14 @@ from urllib.parse import urlsplit
 
 from .errors import UsageError
 from .shard import WHOLE, Shard
+from .storage import parse_location
 
 DEFAULT_BASE_URL = "https://render.joinmassive.com"
 MAX_RATE = 1_000_000.0  # the pacer keeps the last R send times; past this, memory says stop
-ENDPOINT_PATH = "/ai/completions"
+# The poll endpoints by --endpoint name: the spec's (the default) and the newer form, which
+# answers 200 for a status object too (client.py reads both alike).
+ENDPOINT_PATHS = {"completions": "/ai/completions", "ai": "/ai"}
+ENDPOINT_PATH = ENDPOINT_PATHS["completions"]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -34,8 +38,9 @@ def is_loopback_host(host: str) -> bool:
 class RunSettings:
     """Everything ``harvester run`` needs; every value checked in ``__post_init__``."""
 
-    ids_path: Path
-    out_dir: Path
+    # A local path (a Path) or a URI such as s3://bucket/key (its text): see storage.py.
+    ids_path: Path | str
+    out_dir: Path | str
     token: str = field(repr=False)  # never shown: not in repr, logs or reports
     base_url: str = DEFAULT_BASE_URL
     rate: float = 100.0
@@ -61,14 +66,27 @@ class RunSettings:
     log_interval: float = 10.0
     shard: Shard = WHOLE
     strict: bool = False  # stop (exit 2) at the first input line that is not a uuid
+    lease_ttl: float = 30.0  # object storage: seconds a dead run's shard lease outlives it
+    compact: bool = False  # merge this run's small files at the end (``harvester compact``)
+    workers: int = 1  # processes on this machine (``--workers``); each gets 1/N of the ids
     worker_stats: bool = False  # set for --workers children: counters as JSON lines on stdout
+    metrics_port: int | None = None  # serve Prometheus text at /metrics (0: any free port)
+    metrics_host: str = "127.0.0.1"
+    endpoint: str = "completions"  # a name of ENDPOINT_PATHS
+    # Stop (exit 5) when no request ever got an HTTP answer this long after the first failed one.
+    unreachable_after: float = 30.0
 
     def __post_init__(self) -> None:
         check_token(self.token)
+        # A URI stays text (a Path would squash s3:// into a local folder named s3:).
+        object.__setattr__(self, "ids_path", parse_location(self.ids_path, "--ids"))
+        object.__setattr__(self, "out_dir", parse_location(self.out_dir, "--out"))
+        _require(self.lease_ttl >= 1, f"--lease-ttl must be >= 1 second (got {self.lease_ttl})")
         _require(
             0 < self.rate <= MAX_RATE, f"--rate must be > 0 and <= {MAX_RATE:.0f} (got {self.rate})"
         )
         _require(self.concurrency >= 1, f"--concurrency must be >= 1 (got {self.concurrency})")
+        _require(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
         _require(self.max_in_play >= 1, f"--max-in-play must be >= 1 (got {self.max_in_play})")
         _require(self.max_wait > 0, f"--max-wait must be > 0 seconds (got {self.max_wait})")
         _require(self.poll_interval > 0, "--poll-interval must be > 0 seconds")
@@ -86,12 +104,21 @@ class RunSettings:
         _require(self.log_interval > 0, "--log-interval must be > 0 seconds")
         _require(self.max_body_bytes >= 1024, "--max-body-bytes must be >= 1024")
         _require(bool(self.id_column.strip()), "--id-column must not be empty")
+        _require(
+            self.endpoint in ENDPOINT_PATHS,
+            f"--endpoint must be one of {', '.join(ENDPOINT_PATHS)} (got {self.endpoint!r})",
+        )
+        _require(
+            self.unreachable_after > 0,
+            f"--unreachable-after must be > 0 seconds (got {self.unreachable_after})",
+        )
+        check_metrics_address(self.metrics_host, self.metrics_port)
         check_base_url(self.base_url, allow_insecure=self.allow_insecure)
 
     @property
-    def endpoint(self) -> str:
-        """Full URL of the completions endpoint."""
-        return self.base_url.rstrip("/") + ENDPOINT_PATH
+    def endpoint_url(self) -> str:
+        """Full URL of the endpoint polled (``--endpoint``)."""
+        return self.base_url.rstrip("/") + ENDPOINT_PATHS[self.endpoint]
 
 
 def check_token(token: str) -> None:
@@ -101,6 +128,15 @@ def check_token(token: str) -> None:
         token.isprintable() and not any(c.isspace() for c in token),
         "the API token has spaces or control characters; check MASSIVE_API_TOKEN",
     )
+
+
+def check_metrics_address(host: str, port: int | None) -> None:
+    """``--metrics-host``/``--metrics-port`` (shared by ``run`` and ``bench``)."""
+    _require(
+        port is None or 0 <= port <= 65535,
+        f"--metrics-port must be 0-65535, 0 for any free port (got {port})",
+    )
+    _require(bool(host.strip()), "--metrics-host must not be empty (the default is 127.0.0.1)")
 
 
 def check_base_url(base_url: str, *, allow_insecure: bool) -> None:
