@@ -91,12 +91,9 @@ def ids_file(count: int, seed: int = 1) -> Path:
     return path
 
 
-def harvest_json(
-    ids: Path, out: Path, url: str, *args: str, timeout: float = 900
-) -> dict[str, Any]:
-    """Run ``harvester run --json`` as a child process and return its summary."""
-    env = {**os.environ, "MASSIVE_API_TOKEN": TOKEN}
-    cmd = [
+def harvest_command(ids: Path, out: Path, url: str, *args: str) -> list[str]:
+    """``harvester run --json --no-progress`` of ``ids`` into ``out`` against ``url``."""
+    return [
         sys.executable,
         "-m",
         "harvester",
@@ -111,6 +108,14 @@ def harvest_json(
         "--no-progress",
         *args,
     ]
+
+
+def harvest_json(
+    ids: Path, out: Path, url: str, *args: str, timeout: float = 900
+) -> dict[str, Any]:
+    """Run ``harvester run --json`` as a child process and return its summary."""
+    env = {**os.environ, "MASSIVE_API_TOKEN": TOKEN}
+    cmd = harvest_command(ids, out, url, *args)
     done = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

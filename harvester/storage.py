@@ -156,9 +156,9 @@ class Store(ABC):
 
 # How every data file is encoded, chosen by ``benchmarks/codecs.py`` (the README's Performance
 # section has the figures): zstd level 1 stores realistic pages in a ninth of their size (level 3
-# saves 3% more at 0.8x the speed; lz4 is 1.7x faster but 1.7x larger), and dictionary
-# encoding only for columns whose values repeat: tried on every page, it made encoding 1.4x
-# slower for nothing.
+# saves 3% more at 0.85x the speed; lz4 is 1.6x faster but 1.7x larger), and dictionary
+# encoding only for columns whose values repeat: tried on every column, it made encoding up
+# to 1.25x slower for no smaller file.
 DICTIONARY_COLUMNS = ("status", "model", *TARGETING_FIELDS)
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",

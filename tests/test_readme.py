@@ -101,3 +101,60 @@ def test_the_bench_example_runs_as_written(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "bench-out" / "bench.json").read_text())
     assert result["max_rate_within_slo"] is not None
     assert (tmp_path / "bench-out" / "requests.parquet").is_file()
+
+
+def test_the_pipeline_step_runs_as_written(tmp_path: Path) -> None:
+    """The "Run it as a pipeline step" blocks against ``harvester serve`` (a free port for
+    8080): config show names each source, the run logs JSON lines, inspect counts the rows."""
+    from .conftest import free_port
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Run it as a pipeline step")
+    section = text[start : text.index("\n#", start)]  # up to its first subsection (### Metrics)
+    port = str(free_port())
+    [toml] = re.findall(r"```toml\n(.*?)```", section, re.S)
+    [block] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    (tmp_path / "step.toml").write_text(toml.replace("8080", port))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARVESTER_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(
+        ["sh", "-c", block.replace("8080", port)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^max_wait\s+900\.0\s+env \(HARVESTER_MAX_WAIT\)$", done.stdout, re.M)
+    assert re.search(r"^log_format\s+json\s+file \(step\.toml\)$", done.stdout, re.M)
+    assert re.search(r"^token\s+\(hidden\)\s+env", done.stdout, re.M)
+    assert "sim-token" not in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["completed"] + summary["failed"] == 500
+    assert re.search(r"^completions: 500 rows in \d+ files", done.stdout, re.M)
+    logs = [line for line in done.stderr.splitlines() if line.startswith("{")]
+    assert logs, done.stderr
+    assert all(json.loads(line)["level"] for line in logs)
+    assert "sim-token" not in done.stderr
+
+
+def test_the_backfill_section_runs_as_written(tmp_path: Path) -> None:
+    """The "Backfill a large CSV" block against ``harvester serve`` (a free port for 8080): a
+    run stopped by SIGINT exits 130, the rerun resumes to exit 0 with one row per id."""
+    from .conftest import free_port
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Backfill a large CSV")
+    section = text[start : text.index("\n## ", start + 1)]
+    [block] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARVESTER_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(
+        ["sh", "-c", block.replace("8080", port)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "stopped: exit 130" in done.stdout, done.stdout + done.stderr
+    assert "resumed: exit 0" in done.stdout, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["already_done"] > 0  # the stopped run's rows were kept and skipped
+    assert summary["already_done"] + summary["completed"] + summary["failed"] == 2000
+    assert re.search(r"^backfill: 2000 rows in \d+ files", done.stdout, re.M), done.stdout
