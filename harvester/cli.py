@@ -540,7 +540,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", type=Path, metavar="DIR", help="the dataset directory (a run's --out)")
+    p.add_argument(
+        "dir", metavar="DIR|URI", help="the dataset: a run's --out, a directory or s3://..."
+    )
     _add_json_option(p, "the figures")
 
 

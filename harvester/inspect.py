@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from .dataset import META_DIR
 from .errors import OutputError, UsageError
+from .storage import open_store, parse_location
 
 SMALL_FILE_BYTES = 8 * 2**20  # a file under 8 MiB is "small": many of them slow every reader
 LAST_RUNS = 10  # runs listed, newest first
@@ -55,6 +56,17 @@ class DatasetFiles:
         if not root.is_dir():
             raise UsageError(f"{root}: not a directory (give a run's --out DIR)")
         return cls(pafs.LocalFileSystem(), str(root.resolve()))
+
+    @classmethod
+    def of(cls, location: str | Path) -> DatasetFiles:
+        """A local DIR, or a dataset in object storage (``s3://bucket/prefix``), opened the
+        way ``--out`` opens it."""
+        where = parse_location(location, "inspect")
+        if isinstance(where, Path):
+            return cls.local(where)
+        store = open_store(where)
+        assert store.filesystem is not None  # only a local store reads paths as they are
+        return cls(store.filesystem, store.base)
 
     def listing(self) -> list[pafs.FileInfo] | None:
         """Every file under the DIR's partitions and metadata folder, or None when the DIR
@@ -115,9 +127,9 @@ class _Tally:
                     counter[value] += count
 
 
-def inspect_dir(root: Path, files: DatasetFiles | None = None) -> dict[str, Any]:
-    """The figures of the dataset in ``root``, as ``inspect --json`` prints them."""
-    files = files or DatasetFiles.local(root)
+def inspect_dir(root: Path | str, files: DatasetFiles | None = None) -> dict[str, Any]:
+    """The figures of the dataset in ``root`` (a DIR or a URI), as ``inspect --json`` prints."""
+    files = files or DatasetFiles.of(root)
     listing = files.listing()
     if listing is None:
         raise UsageError(

@@ -295,6 +295,19 @@ def test_pyarrow_and_pandas_read_the_s3_dataset(s3_dataset: tuple[S3, list[str]]
     assert set(frame["status"]) <= {"completed", "failed", "invalid"}
 
 
+def test_inspect_reads_the_s3_dataset(s3_dataset: tuple[S3, list[str]]) -> None:
+    """``harvester inspect s3://...`` counts the rows in the bucket as on a disk: one per id,
+    by status, with the run's report."""
+    from harvester.inspect import inspect_dir
+
+    s3, ids = s3_dataset
+    figures = inspect_dir(s3.uri())
+    assert figures["rows"] == len(ids)
+    assert sum(figures["by_status"].values()) == len(ids)
+    assert figures["files"] >= 1
+    assert figures["runs"][0]["exit_code"] == ExitCode.OK
+
+
 def test_polars_reads_the_s3_dataset(s3_dataset: tuple[S3, list[str]]) -> None:
     """Polars reads the data files from S3 with hive partitioning (its own S3 client)."""
     s3, ids = s3_dataset
