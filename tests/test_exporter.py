@@ -32,6 +32,7 @@ from harvester.runner import Run
 from harvester.settings import RunSettings
 
 from .conftest import TOKEN, fast_settings, free_port, launch_simulator, make_ids, write_csv
+from .readme_blocks import code_blocks, run_sh, section
 
 FAMILIES = {
     "harvester_requests": "counter",
@@ -370,18 +371,9 @@ def test_workers_share_one_endpoint_served_by_the_parent(tmp_path: Path) -> None
 def test_the_readme_metrics_block_runs_as_written(tmp_path: Path) -> None:
     """The README's Metrics block against ``harvester serve`` (free ports for 8412 and
     9464): exit 0, a scrape with the families it greps for, and the run's JSON summary."""
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start = readme.index("### Metrics")
-    [block] = re.findall(r"```sh\n(.*?)```", readme[start : readme.index("\n## ", start)], re.S)
+    [block] = code_blocks(section("### Metrics"))
     command = block.replace("8412", str(free_port())).replace("9464", str(free_port()))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=120, check=False,
-    )  # fmt: skip
+    done = run_sh(command, tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     _, samples = parse(done.stdout)
     assert total(samples, "harvester_requests_total", status="ok") > 0, done.stdout

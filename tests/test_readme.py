@@ -4,7 +4,6 @@ it in (``tests/dir_states.py``), so the docs and the layout cannot drift apart."
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from .dir_states import State
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from .readme_blocks import code_blocks, run_sh, section
 
 # Runs one snippet in each state's folder (as the README's "completions" is meant: the
 # working directory's) and prints the rows it got, one JSON line per state.
@@ -30,14 +28,8 @@ for home in sys.argv[1:]:
 """
 
 
-def query_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index("### Query it")
-    return text[start : text.index("\n## ", start)]
-
-
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", query_section(), re.S)
+    return code_blocks(section("### Query it"), language)
 
 
 def expected_rows(code: str, state: State) -> int:
@@ -86,16 +78,10 @@ def test_the_bench_example_runs_as_written(tmp_path: Path) -> None:
     (steps shortened to 2 s, and a free port, so the suite stays quick)."""
     from .conftest import free_port
 
-    text = README.read_text(encoding="utf-8")
-    start = text.index("To try it without a token or a network")
-    [block] = re.findall(r"```sh\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
+    [block] = code_blocks(section("To try it without a token or a network"))
     port = str(free_port())
     command = block.replace("8411", port).replace("--step-seconds 5", "--step-seconds 2")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(
-        ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=150, check=False,
-    )  # fmt: skip
+    done = run_sh(command, tmp_path, timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "max rate within SLO" in done.stdout
     result = json.loads((tmp_path / "bench-out" / "bench.json").read_text())
@@ -108,19 +94,13 @@ def test_the_pipeline_step_runs_as_written(tmp_path: Path) -> None:
     8080): config show names each source, the run logs JSON lines, inspect counts the rows."""
     from .conftest import free_port
 
-    text = README.read_text(encoding="utf-8")
-    start = text.index("## Run it as a pipeline step")
-    section = text[start : text.index("\n#", start)]  # up to its first subsection (### Metrics)
+    # Up to its first subsection (### Metrics, run by tests/test_exporter.py).
+    text = section("## Run it as a pipeline step", end="\n#")
     port = str(free_port())
-    [toml] = re.findall(r"```toml\n(.*?)```", section, re.S)
-    [block] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    [toml] = code_blocks(text, "toml")
+    [block] = code_blocks(text)
     (tmp_path / "step.toml").write_text(toml.replace("8080", port))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HARVESTER_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    done = subprocess.run(
-        ["sh", "-c", block.replace("8080", port)], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=150, check=False,
-    )  # fmt: skip
+    done = run_sh(block.replace("8080", port), tmp_path, timeout=150, drop_env=("HARVESTER_",))
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^max_wait\s+900\.0\s+env \(HARVESTER_MAX_WAIT\)$", done.stdout, re.M)
     assert re.search(r"^log_format\s+json\s+file \(step\.toml\)$", done.stdout, re.M)
@@ -140,17 +120,9 @@ def test_the_backfill_section_runs_as_written(tmp_path: Path) -> None:
     run stopped by SIGINT exits 130, the rerun resumes to exit 0 with one row per id."""
     from .conftest import free_port
 
-    text = README.read_text(encoding="utf-8")
-    start = text.index("## Backfill a large CSV")
-    section = text[start : text.index("\n## ", start + 1)]
-    [block] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    [block] = code_blocks(section("## Backfill a large CSV"))
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HARVESTER_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    done = subprocess.run(
-        ["sh", "-c", block.replace("8080", port)], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=240, check=False,
-    )  # fmt: skip
+    done = run_sh(block.replace("8080", port), tmp_path, timeout=240, drop_env=("HARVESTER_",))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stopped: exit 130" in done.stdout, done.stdout + done.stderr
     assert "resumed: exit 0" in done.stdout, done.stdout + done.stderr

@@ -36,6 +36,7 @@ from harvester.storage import S3Store, open_store
 
 from .conftest import TOKEN, ThreadedSimulator, fast_settings, make_ids, wait_until, write_csv
 from .moto_s3 import S3, s3, s3_endpoint
+from .readme_blocks import code_blocks, run_sh, section
 
 __all__ = ["s3", "s3_endpoint"]  # fixtures
 
@@ -350,18 +351,11 @@ def test_the_readme_object_storage_example_runs_as_written(tmp_path: Path) -> No
     commits 500 ids to the bucket, compaction leaves one file per partition, each id once."""
     from .conftest import free_port
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    start = text.index("## Object storage")
-    section = text[start : text.index("\n## ", start + 3)]
-    [block] = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S) if "moto_server" in b]
+    blocks = code_blocks(section("## Object storage"))
+    [block] = [b for b in blocks if "moto_server" in b]
     s3_port, sim_port = str(free_port()), str(free_port())
     block = block.replace("9000", s3_port).replace("8080", sim_port)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HARVESTER_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    done = subprocess.run(
-        ["sh", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=150, check=False,
-    )  # fmt: skip
+    done = run_sh(block, tmp_path, timeout=150, drop_env=("AWS_", "HARVESTER_"))
     assert done.returncode == 0, done.stdout + done.stderr
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     assert summary["exit_code"] == 0
