@@ -27,7 +27,7 @@ from .open_files import raise_open_files_to_hard
 from .progress import LOG_FORMATS, LOG_LEVELS, LogSettings, hide_in_logs, setup_logging
 from .report import RunResult, print_summary
 from .runner import harvest
-from .settings import ENDPOINT_PATHS, RunSettings
+from .settings import ENDPOINT_PATHS, TRANSPORTS, RunSettings
 from .shard import Shard
 from .workers import run_workers
 
@@ -153,6 +153,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS["endpoint"],
         help="what to poll: completions is GET /ai/completions?id= (the spec's), ai the newer "
         "GET /ai?id= (status objects answered with 200) [%(default)s]",
+    )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default=DEFAULTS["transport"],
+        help="HTTP client for polls: http1 is harvester's lean keep-alive client, aiohttp the "
+        "general one (a fallback for servers http1 does not suit) [%(default)s]",
     )
     p.add_argument(
         "--rate",
@@ -676,6 +683,7 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         endpoint=args.endpoint,
+        transport=args.transport,
         unreachable_after=args.unreachable_after,
     )
 

@@ -9,11 +9,9 @@ error families (``raise ... from exc``), so the scheduler deals in outcomes, not
 from __future__ import annotations
 
 import email.utils
-import errno
-import socket
 import time
 from datetime import UTC
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiohttp
 import orjson
@@ -29,6 +27,7 @@ from .errors import (
     TransientError,
     TransportError,
 )
+from .http1 import Reply, os_cause
 from .model import (
     EXTRA_FIELD,
     KNOWN_FIELDS,
@@ -74,33 +73,34 @@ def make_session(
     return session
 
 
-class CompletionsClient:
-    """Polls one id at a time over an injected session (the caller times each poll)."""
+class Transport(Protocol):
+    """How a poll's request travels: ``http1.Http1Transport`` (the default) or an aiohttp
+    session (``SessionTransport``). Either raises only the package's ``TransientError``s."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        endpoint: str,
-        *,
-        token: str,
-        max_body_bytes: int,
-        retry_after_max: float = 300.0,
-    ) -> None:
+    async def get(self, conversation_id: str) -> Reply:
+        """One ``GET endpoint?id=conversation_id``."""
+        ...
+
+
+class SessionTransport:
+    """Polls over an aiohttp session (injected by tests, or ``--transport aiohttp``)."""
+
+    def __init__(self, session: aiohttp.ClientSession, endpoint: str, max_body_bytes: int) -> None:
         self._session = session
-        self.endpoint = endpoint  # the URL polled, for messages
         self._prefix = endpoint + "?id="
-        self._token = token
         self._max_body = max_body_bytes
-        self._retry_after_max = retry_after_max
 
-    async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
-        """Ask once for ``conversation_id``; raise a ``TransientError`` or ``FatalApiError``."""
+    async def get(self, conversation_id: str) -> Reply:
+        """One poll; every aiohttp exception comes out as one of the package's families."""
         # The id is a canonical uuid (validated upstream), so the URL needs no quoting.
         url = URL(self._prefix + conversation_id, encoded=True)
         try:
             async with self._session.get(url, allow_redirects=False) as resp:
                 body = await self._read_body(resp)
-                status, headers = resp.status, resp.headers
+                headers = resp.headers
+                return Reply(
+                    resp.status, headers.get("Content-Type", ""), headers.get("Retry-After"), body
+                )
         except TransientError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
@@ -120,12 +120,6 @@ class CompletionsClient:
             raise TransportError("disconnected", "connection dropped") from exc
         except aiohttp.ClientError as exc:
             raise TransportError("client_error", type(exc).__name__) from exc
-        try:
-            return self._interpret(status, headers, body)
-        except (TransientError, FatalError):
-            raise
-        except Exception as exc:
-            raise BadResponseError("bad_answer", f"unusable answer ({type(exc).__name__})") from exc
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         length = resp.content_length
@@ -146,16 +140,49 @@ class CompletionsClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _interpret(self, status: int, headers: Any, body: bytes) -> tuple[Kind, Completion | None]:
+
+class CompletionsClient:
+    """Polls one id at a time over an injected transport (the caller times each poll); an
+    aiohttp session passed instead is wrapped in a ``SessionTransport``."""
+
+    def __init__(
+        self,
+        transport: Transport | aiohttp.ClientSession,
+        endpoint: str,
+        *,
+        token: str,
+        max_body_bytes: int,
+        retry_after_max: float = 300.0,
+    ) -> None:
+        if isinstance(transport, aiohttp.ClientSession):
+            transport = SessionTransport(transport, endpoint, max_body_bytes)
+        self._transport = transport
+        self.endpoint = endpoint  # the URL polled, for messages
+        self._token = token
+        self._retry_after_max = retry_after_max
+
+    async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
+        """Ask once for ``conversation_id``; raise a ``TransientError`` or ``FatalApiError``."""
+        reply = await self._transport.get(conversation_id)
+        try:
+            return self._interpret(reply)
+        except (TransientError, FatalError):
+            raise
+        except Exception as exc:
+            raise BadResponseError("bad_answer", f"unusable answer ({type(exc).__name__})") from exc
+
+    def _interpret(self, reply: Reply) -> tuple[Kind, Completion | None]:
+        status, body = reply.status, reply.body
         if status == 200:
-            return parse_ok(headers.get("Content-Type", ""), body)
+            return parse_ok(reply.content_type, body)
         if status == 202:
             return parse_status(body), None
         if status == 422:
             return Kind.INVALID, None
         if status in (429, 503):
-            wait = parse_retry_after(headers.get("Retry-After"), self._retry_after_max)
-            raise ThrottledError(status, wait)
+            raise ThrottledError(
+                status, parse_retry_after(reply.retry_after, self._retry_after_max)
+            )
         if status in _FATAL_HINTS:
             # Redact before clipping: a clip could cut the token so that it no longer matches.
             text = self._redact(body.decode("utf-8", "replace").strip())[:200]
@@ -166,21 +193,11 @@ class CompletionsClient:
         return text.replace(self._token, "***") if self._token else text
 
 
-_REFUSED_TEXT = f"[Errno {errno.ECONNREFUSED}]"
-
-
 def connect_cause(exc: aiohttp.ClientConnectorError) -> str:
-    """Why a connection could not be made, in words a user acts on: refused, DNS, timeout."""
-    cause = exc.os_error
-    if isinstance(exc, aiohttp.ClientConnectorDNSError) or isinstance(cause, socket.gaierror):
-        return f"DNS lookup of {exc.host} failed ({cause.strerror or cause})"
-    # Every address of a name refused (localhost: ::1 and 127.0.0.1) is one OSError whose
-    # text lists each address's errno: asyncio keeps no error object per address.
-    if isinstance(cause, ConnectionRefusedError) or _REFUSED_TEXT in str(cause):
-        return "connection refused"
-    if isinstance(cause, TimeoutError):
-        return "connect timeout"
-    return f"cannot connect ({cause.strerror or cause})"
+    """Why aiohttp could not connect, in the words ``http1.os_cause`` uses."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"DNS lookup of {exc.host} failed ({exc.os_error.strerror or exc.os_error})"
+    return os_cause(exc.host, exc.os_error)
 
 
 def parse_ok(content_type: str, body: bytes) -> tuple[Kind, Completion | None]:

@@ -1,7 +1,7 @@
 """One harvest run: wires input, scheduler, pacer, client, sink and report inside the loop.
 
-The limiter, session and sink are created here, inside the running loop and once per run;
-a session can be injected so tests can replace the transport.
+The limiter, transport and sink are created here, inside the running loop and once per run;
+an aiohttp session can be injected so tests can replace the transport.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
 from .errors import ExitCode, InputError, UsageError, end_code
 from .exporter import MetricsServer, run_snapshot, serve_metrics
+from .http1 import Http1Transport
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
 from .lease import RunLease, clean_stale_temporaries
@@ -76,24 +77,39 @@ class Run:
 
     async def _run_prepared(self, batches: Iterator[Batch], total: int, done: DoneSet) -> RunResult:
         s = self.settings
-        session = self._session or make_session(
-            s.token,
-            limit=s.concurrency,
-            connect_timeout=s.connect_timeout,
-            request_timeout=s.request_timeout,
-        )
+        transport = self._open_transport()
         started = time.monotonic()
         sink = ParquetSink(
             self.store, run_id=self.run_id, flush_rows=s.flush_rows, flush_bytes=s.flush_bytes
         )
         try:
-            await self._harvest(session, sink, _batches_from(batches), done, total)
+            await self._harvest(transport, sink, _batches_from(batches), done, total)
         finally:
-            if self._session is None:
-                await session.close()
+            if transport is not self._session:  # an injected session is its owner's to close
+                await transport.close()
         if s.compact and not self._signals.count and self._scheduler_ok():
             await asyncio.to_thread(self._compact_own_files)
         return self._finish(time.monotonic() - started)
+
+    def _open_transport(self) -> Http1Transport | aiohttp.ClientSession:
+        """The injected session if any, else what ``--transport`` names (made in the loop)."""
+        s = self.settings
+        if self._session is not None:
+            return self._session
+        if s.transport == "aiohttp":
+            return make_session(
+                s.token,
+                limit=s.concurrency,
+                connect_timeout=s.connect_timeout,
+                request_timeout=s.request_timeout,
+            )
+        return Http1Transport(
+            s.endpoint_url,
+            token=s.token,
+            max_body_bytes=s.max_body_bytes,
+            connect_timeout=s.connect_timeout,
+            request_timeout=s.request_timeout,
+        )
 
     def _scheduler_ok(self) -> bool:
         return self._scheduler is not None and self._scheduler.fatal is None
@@ -151,7 +167,7 @@ class Run:
 
     async def _harvest(
         self,
-        session: aiohttp.ClientSession,
+        transport: Http1Transport | aiohttp.ClientSession,
         sink: ParquetSink,
         batches: AsyncIterator[Batch],
         done: DoneSet,
@@ -159,7 +175,7 @@ class Run:
     ) -> None:
         s = self.settings
         client = CompletionsClient(
-            session,
+            transport,
             s.endpoint_url,
             token=s.token,
             max_body_bytes=s.max_body_bytes,

@@ -17,6 +17,10 @@ MAX_RATE = 1_000_000.0  # the pacer keeps the last R send times; past this, memo
 # answers 200 for a status object too (client.py reads both alike).
 ENDPOINT_PATHS = {"completions": "/ai/completions", "ai": "/ai"}
 ENDPOINT_PATH = ENDPOINT_PATHS["completions"]
+# How polls travel (--transport): http1 is harvester's own keep-alive client on httptools
+# (http1.py, several times less CPU a request); aiohttp is the general client, kept as a
+# fallback for servers the lean one does not suit.
+TRANSPORTS = ("http1", "aiohttp")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -73,6 +77,7 @@ class RunSettings:
     metrics_port: int | None = None  # serve Prometheus text at /metrics (0: any free port)
     metrics_host: str = "127.0.0.1"
     endpoint: str = "completions"  # a name of ENDPOINT_PATHS
+    transport: str = "http1"  # one of TRANSPORTS
     # Stop (exit 5) when no request ever got an HTTP answer this long after the first failed one.
     unreachable_after: float = 30.0
 
@@ -107,6 +112,10 @@ class RunSettings:
         _require(
             self.endpoint in ENDPOINT_PATHS,
             f"--endpoint must be one of {', '.join(ENDPOINT_PATHS)} (got {self.endpoint!r})",
+        )
+        _require(
+            self.transport in TRANSPORTS,
+            f"--transport must be one of {', '.join(TRANSPORTS)} (got {self.transport!r})",
         )
         _require(
             self.unreachable_after > 0,

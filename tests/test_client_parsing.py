@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -33,6 +34,7 @@ from harvester.errors import (
     TransientError,
     TransportError,
 )
+from harvester.http1 import Http1Transport
 from harvester.model import TEXT_FIELDS, Kind
 
 from .conftest import api_document, free_port
@@ -357,18 +359,50 @@ async def client_for(
     max_body: int = CAP,
     request_timeout: float = 5.0,
 ) -> AsyncIterator[CompletionsClient]:
-    """A ``CompletionsClient`` on a real session from ``make_session``."""
-    session = make_session(TOKEN, limit=4, connect_timeout=2.0, request_timeout=request_timeout)
+    """A ``CompletionsClient`` on the transport the test is parametrized with: harvester's
+    own (``http1``) or a real session from ``make_session`` (``aiohttp``)."""
+    transport: Http1Transport | aiohttp.ClientSession
+    if _TRANSPORT[0] == "aiohttp":
+        transport = make_session(
+            TOKEN, limit=4, connect_timeout=2.0, request_timeout=request_timeout
+        )
+    else:
+        transport = Http1Transport(
+            endpoint,
+            token=TOKEN,
+            max_body_bytes=max_body,
+            connect_timeout=2.0,
+            request_timeout=request_timeout,
+        )
     try:
         yield CompletionsClient(
-            session,
+            transport,
             endpoint,
             token=TOKEN,
             max_body_bytes=max_body,
             retry_after_max=300.0,
         )
     finally:
-        await session.close()
+        await transport.close()
+
+
+# Every loopback test of the client (test_client_*) runs once on each transport: both must
+# give the same outcomes and error labels.
+_TRANSPORT = ["http1"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize the loopback client tests over both transports."""
+    if metafunc.function.__name__.startswith("test_client_"):
+        metafunc.parametrize("transport_kind", ["http1", "aiohttp"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def transport_kind(request: pytest.FixtureRequest) -> str:
+    """The transport ``client_for`` uses in this test."""
+    kind: str = getattr(request, "param", "http1")
+    _TRANSPORT[0] = kind
+    return kind
 
 
 @asynccontextmanager
