@@ -163,13 +163,27 @@ class CompletionsClient:
 
     async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
         """Ask once for ``conversation_id``; raise a ``TransientError`` or ``FatalApiError``."""
+        kind, doc, _line = await self.poll_answer(conversation_id)
+        return kind, doc
+
+    async def poll_answer(
+        self, conversation_id: str
+    ) -> tuple[Kind, Completion | None, bytes | None]:
+        """``poll``, and for a Completion the JSON it was read from, on one line: the sink
+        stores the text from those bytes (``sink._Bodies``), not from Python strings."""
         reply = await self._transport.get(conversation_id)
         try:
-            return self._interpret(reply)
+            kind, doc = self._interpret(reply)
         except (TransientError, FatalError):
             raise
         except Exception as exc:
             raise BadResponseError("bad_answer", f"unusable answer ({type(exc).__name__})") from exc
+        if doc is None:
+            return kind, None, None
+        body = reply.body
+        # One JSON object a line for Arrow's reader: a server's pretty-printed JSON is written
+        # again compactly (orjson escapes every newline inside strings).
+        return kind, doc, orjson.dumps(doc) if b"\n" in body else body
 
     def _interpret(self, reply: Reply) -> tuple[Kind, Completion | None]:
         status, body = reply.status, reply.body

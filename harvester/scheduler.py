@@ -251,7 +251,7 @@ class Scheduler:
         stats.in_flight += 1
         answer, retry_after = Answer.NONE, None
         try:
-            kind, doc = await self._client.poll(entry.id)
+            kind, doc, line = await self._client.poll_answer(entry.id)
             answer = Answer.ACCEPTED
         except ThrottledError as exc:
             answer, retry_after = _ANSWER_OF.get(exc.status, Answer.THROTTLED_429), exc.retry_after
@@ -275,7 +275,7 @@ class Scheduler:
             stats.latency.record(loop.time() - now)
             stats.timeline.record(now, self._pacer.rate, answer)
             self._pacer.record(answer, retry_after, probe=probe)
-        await self._settle(entry, kind, doc)
+        await self._settle(entry, kind, doc, line)
 
     def _arm_unreachable(self, exc: TransportError) -> None:
         """The first failed request before any answer starts the clock (a loop timer, so it
@@ -324,14 +324,16 @@ class Scheduler:
             self._stats.retries += 1
             self._retry_later(entry, self._policy.backoff(entry.failures))
 
-    async def _settle(self, entry: _Entry, kind: Kind, doc: Completion | None) -> None:
+    async def _settle(
+        self, entry: _Entry, kind: Kind, doc: Completion | None, line: bytes | None
+    ) -> None:
         if kind is Kind.RETRIEVING:
             entry.last = "retrieving"
             self._retry_later(entry, self._policy.next_poll(entry.polls))
             return
         # Noted and released before any wait: a cancel during back-pressure cannot count the
         # id twice (as done here and as unresolved in play).
-        self._record(entry.id, kind, doc, entry.polls)
+        self._record(entry.id, kind, doc, entry.polls, line)
         self._release()
         await self._backpressure()
 
@@ -361,10 +363,17 @@ class Scheduler:
         if not self._feeding and self._in_play == 0 and not self._stopping:
             self.stop()
 
-    def _record(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
+    def _record(
+        self,
+        conversation_id: str,
+        kind: Kind,
+        doc: Completion | None,
+        polls: int,
+        line: bytes | None = None,
+    ) -> None:
         """Count a terminal outcome and buffer its row (committed by the sink's next flush)."""
         self._stats.count_outcome(kind)
-        self._sink.add(conversation_id, kind, doc, polls)
+        self._sink.add(conversation_id, kind, doc, polls, line)
 
     async def _backpressure(self) -> None:
         if self._sink.overfull():

@@ -160,10 +160,15 @@ class Store(ABC):
 # encoding only for columns whose values repeat: tried on every column, it made encoding up
 # to 1.25x slower for no smaller file.
 DICTIONARY_COLUMNS = ("status", "model", *TARGETING_FIELDS)
+# Min/max statistics only where a reader can skip row groups by them (ids, status, model,
+# targeting, polls, time): computed over the page-sized text columns, they took a quarter of
+# the encoding time of 200 KB pages and no reader uses them.
+STATISTICS_COLUMNS = ("id", *DICTIONARY_COLUMNS, "polls", "harvested_at")
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 1,
     "use_dictionary": list(DICTIONARY_COLUMNS),
+    "write_statistics": list(STATISTICS_COLUMNS),
 }
 
 

@@ -72,6 +72,13 @@ class ScriptedClient:
             raise answer
         return answer, completion() if answer is Kind.COMPLETED else None
 
+    async def poll_answer(
+        self, conversation_id: str
+    ) -> tuple[Kind, Completion | None, bytes | None]:
+        """``poll``, with no JSON line: the sink stores such a row from its strings."""
+        kind, doc = await self.poll(conversation_id)
+        return kind, doc, None
+
 
 class ListSink:
     """Keeps rows in memory (the scheduler only calls add and, under pressure, flush)."""
@@ -79,7 +86,14 @@ class ListSink:
     def __init__(self) -> None:
         self.rows: list[tuple[str, Kind, int]] = []
 
-    def add(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
+    def add(
+        self,
+        conversation_id: str,
+        kind: Kind,
+        doc: Completion | None,
+        polls: int,
+        body: bytes | None = None,
+    ) -> None:
         self.rows.append((conversation_id, kind, polls))
 
     def overfull(self) -> bool:
