@@ -192,11 +192,14 @@ class LogSettings:
 
 # Values that must never reach a log line (the API token): replaced by "***" in every record.
 _SECRETS: set[str] = set()
+# Shorter values are not masked: a token of one or a few characters (a test's "t") would turn
+# every line into "harves***er ... comple***ed", and guessing it takes no log line anyway.
+MIN_SECRET_CHARS = 6
 
 
 def hide_in_logs(secret: str) -> None:
     """Mask ``secret`` in every log line from now on, whichever code logs it."""
-    if secret:
+    if len(secret) >= MIN_SECRET_CHARS:
         _SECRETS.add(secret)
         _SECRETS.add(orjson.dumps(secret).decode()[1:-1])  # as it reads inside a JSON string
 

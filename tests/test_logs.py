@@ -126,6 +126,17 @@ def test_a_secret_is_masked_whatever_logs_it(
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_a_token_of_a_few_characters_leaves_lines_readable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A one-letter token (as in a quick local try) is not masked inside every word."""
+    hide_in_logs("t")
+    setup_logging(LogSettings())
+    logging.getLogger("harvester.test").warning("completed 5, in flight 3")
+    assert "completed 5, in flight 3" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_library_warnings_come_out_in_the_same_format() -> None:
     """A warning from another logger (asyncio, aiohttp) is a JSON line too; their info is not."""
     stream = io.StringIO()
