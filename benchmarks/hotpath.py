@@ -37,7 +37,8 @@ from harvester.metrics import LatencyHistogram, Timeline
 from harvester.model import Kind
 from harvester.pacer import Pacer
 from harvester.settings import RunSettings
-from harvester.sink import ParquetSink
+from harvester.sink import ParquetSink, _Bodies, _Columns
+from harvester.storage import PARQUET_OPTIONS
 from harvester.throttle import Answer
 
 from ._common import ids_file, median, save
@@ -72,44 +73,55 @@ def pacer_us(calls: int, repeats: int) -> float:
 
 
 def sink_costs(rows: int, repeats: int) -> dict[str, float]:
-    """Per row: ``ParquetSink.add``, ``_Columns.table`` and zstd Parquet encoding, the table
-    built each time the sink is full at the run's default thresholds (as a flush would)."""
+    """Per row, as a run stores a Completion (from the body's bytes, ``sink._Bodies``) and
+    as a caller with only the validated dict does (``sink._Columns``): ``ParquetSink.add``,
+    building the table, and the zstd Parquet encoding, at the run's default thresholds."""
     _, doc = parse_ok("application/json", BODY)
     assert doc is not None
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(rows)]
     defaults = RunSettings(ids_path=Path("x"), out_dir=Path("y"), token="t")
-    add, table, encode = [], [], []
+    out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            sink = ParquetSink(
-                Path(tmp),
-                run_id="bench",
-                flush_rows=defaults.flush_rows,
-                flush_bytes=defaults.flush_bytes,
+        for name, body in (("bytes", BODY), ("strings", None)):
+            add, table, encode = [], [], []
+            for _ in range(repeats):
+                sink = ParquetSink(
+                    Path(tmp),
+                    run_id="bench",
+                    flush_rows=defaults.flush_rows,
+                    flush_bytes=defaults.flush_bytes,
+                )
+                add_s = table_s = encode_s = 0.0
+                for cid in ids:
+                    started = time.perf_counter()
+                    sink.add(cid, Kind.COMPLETED, doc, 1, body)
+                    add_s += time.perf_counter() - started
+                    if sink.full():  # what flush() hands to the writer thread
+                        buffers: list[_Columns | _Bodies] = [
+                            *sink._parts.values(),
+                            *sink._bodies.values(),
+                        ]
+                        sink._parts, sink._bodies = {}, {}
+                        sink._rows = sink._bytes = 0
+                        for rows_of_part in buffers:
+                            started = time.perf_counter()
+                            arrow = rows_of_part.table()
+                            table_s += time.perf_counter() - started
+                            started = time.perf_counter()
+                            pq.write_table(arrow, BytesIO(), **PARQUET_OPTIONS)
+                            encode_s += time.perf_counter() - started
+                add.append(add_s / rows * 1e6)
+                table.append(table_s / rows * 1e6)
+                encode.append(encode_s / rows * 1e6)
+            gil = "no GIL" if body else "GIL held"
+            out[f"sink_add_us_per_row ({name})"] = round(statistics.median(add), 3)
+            out[f"table_us_per_row ({name}; {gil}, writer thread)"] = round(
+                statistics.median(table), 3
             )
-            add_s = table_s = encode_s = 0.0
-            for cid in ids:
-                started = time.perf_counter()
-                sink.add(cid, Kind.COMPLETED, doc, 1)
-                add_s += time.perf_counter() - started
-                if sink.full():  # what flush() hands to the writer thread
-                    parts, sink._parts = sink._parts, {}
-                    sink._rows = sink._bytes = 0
-                    for cols in parts.values():
-                        started = time.perf_counter()
-                        arrow = cols.table()
-                        table_s += time.perf_counter() - started
-                        started = time.perf_counter()
-                        pq.write_table(arrow, BytesIO(), compression="zstd")
-                        encode_s += time.perf_counter() - started
-            add.append(add_s / rows * 1e6)
-            table.append(table_s / rows * 1e6)
-            encode.append(encode_s / rows * 1e6)
-    return {
-        "sink_add_us_per_row": round(statistics.median(add), 3),
-        "columns_table_us_per_row (GIL held, writer thread)": round(statistics.median(table), 3),
-        "parquet_zstd_encode_us_per_row (writer thread)": round(statistics.median(encode), 3),
-    }
+            out[f"parquet_encode_us_per_row ({name}; writer thread)"] = round(
+                statistics.median(encode), 3
+            )
+    return out
 
 
 def reader_us_per_id(repeats: int) -> float:
