@@ -4,9 +4,6 @@ The package is its command line (``harvester.cli``); for use from Python, ``harv
 .harvest`` runs one harvest with ``harvester.settings.RunSettings``. See docs/ARCHITECTURE.md.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("harvester")
-except PackageNotFoundError:  # pragma: no cover - a checkout that was never installed
-    __version__ = "0.0.0"
+# The one place the version is written: pyproject.toml reads it from here (hatch's version
+# source), so no start-up pays for importlib.metadata's scan of the installed packages.
+__version__ = "0.1.0"

@@ -18,12 +18,12 @@ import errno
 import socket
 import ssl
 import zlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import NamedTuple
 
 import httptools
 from yarl import URL
 
+from . import __version__
 from .errors import BadResponseError, TlsError, TransportError
 
 
@@ -34,13 +34,6 @@ class Reply(NamedTuple):
     content_type: str
     retry_after: str | None
     body: bytes
-
-
-def _user_agent() -> str:
-    try:
-        return f"harvester/{version('harvester')}"
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "harvester"
 
 
 class _Done(Exception):
@@ -253,7 +246,7 @@ class Http1Transport:
         self._tail = (
             f" HTTP/1.1\r\nHost: {host_header}\r\nAuthorization: Bearer {token}\r\n"
             f"Accept: application/json\r\nAccept-Encoding: gzip, deflate\r\n"
-            f"User-Agent: {_user_agent()}\r\n\r\n"
+            f"User-Agent: harvester/{__version__}\r\n\r\n"
         ).encode("latin-1")
         self._max_body = max_body_bytes
         self._connect_timeout = connect_timeout
