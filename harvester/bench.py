@@ -39,12 +39,13 @@ import pyarrow.parquet as pq
 from hdrh.histogram import HdrHistogram
 from yarl import URL
 
-from .client import _FATAL_HINTS, make_session
+from .client import _FATAL_HINTS
 from .errors import FatalApiError, InputError, OutputError, UsageError
 from .exporter import Snapshot, hist_snapshot, serve_metrics
 from .ids import IdReader
 from .looplag import LoopLagMonitor
 from .metrics import LatencyHistogram
+from .session import make_session
 from .settings import ENDPOINT_PATH, check_base_url, check_metrics_address, check_token
 
 __all__ = [

@@ -254,7 +254,7 @@ class Http1Transport:
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
 
-    async def get(self, conversation_id: str) -> Reply:
+    async def fetch(self, conversation_id: str) -> Reply:
         """One poll of ``conversation_id`` (a canonical uuid: it needs no quoting)."""
         idle = self._idle
         conn = idle.pop() if idle else None

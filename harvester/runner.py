@@ -13,10 +13,9 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
-import aiohttp
-
-from .client import CompletionsClient, make_session
+from .client import CompletionsClient
 from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
 from .errors import ExitCode, InputError, UsageError, end_code
@@ -38,6 +37,9 @@ from .stopping import StopSignals
 from .storage import open_store
 from .workers import report_counters
 
+if TYPE_CHECKING:
+    from aiohttp import ClientSession
+
 log = logging.getLogger("harvester")
 
 
@@ -50,7 +52,7 @@ async def _batches_from(it: Iterator[Batch]) -> AsyncIterator[Batch]:
 class Run:
     """State of one ``harvester run`` between start and summary."""
 
-    def __init__(self, settings: RunSettings, session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, settings: RunSettings, session: ClientSession | None) -> None:
         self.settings = settings
         self.stats = RunStats()
         self.run_id = new_run_id()
@@ -91,12 +93,14 @@ class Run:
             await asyncio.to_thread(self._compact_own_files)
         return self._finish(time.monotonic() - started)
 
-    def _open_transport(self) -> Http1Transport | aiohttp.ClientSession:
+    def _open_transport(self) -> Http1Transport | ClientSession:
         """The injected session if any, else what ``--transport`` names (made in the loop)."""
         s = self.settings
         if self._session is not None:
             return self._session
         if s.transport == "aiohttp":
+            from .session import make_session  # aiohttp's client is loaded only for it
+
             return make_session(
                 s.token,
                 limit=s.concurrency,
@@ -167,7 +171,7 @@ class Run:
 
     async def _harvest(
         self,
-        transport: Http1Transport | aiohttp.ClientSession,
+        transport: Http1Transport | ClientSession,
         sink: ParquetSink,
         batches: AsyncIterator[Batch],
         done: DoneSet,
@@ -296,8 +300,6 @@ def in_play_cap(s: RunSettings) -> int:
     return max(s.concurrency, min(s.max_in_play, affordable))
 
 
-async def harvest(
-    settings: RunSettings, *, session: aiohttp.ClientSession | None = None
-) -> RunResult:
+async def harvest(settings: RunSettings, *, session: ClientSession | None = None) -> RunResult:
     """Run one harvest to the end and return its exit code and summary."""
     return await Run(settings, session).execute()

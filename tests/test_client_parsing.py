@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from harvester.client import (
     CompletionsClient,
-    make_session,
     parse_ok,
     parse_retry_after,
     parse_status,
@@ -36,6 +35,7 @@ from harvester.errors import (
 )
 from harvester.http1 import Http1Transport
 from harvester.model import TEXT_FIELDS, Kind
+from harvester.session import make_session
 
 from .conftest import api_document, free_port
 

@@ -17,9 +17,9 @@ import orjson
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from harvester.client import connect_cause
 from harvester.errors import EXIT_MEANINGS, ExitCode, UnreachableError, worst_code
 from harvester.runner import harvest
+from harvester.session import connect_cause
 from harvester.sim import NO_CREDIT_TOKEN
 
 from .api_double import RETRIEVING, ApiDouble

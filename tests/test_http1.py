@@ -89,7 +89,7 @@ async def test_one_connection_carries_many_polls() -> None:
         http = transport(server.endpoint)
         try:
             for _ in range(20):
-                answer = await http.get(ID)
+                answer = await http.fetch(ID)
                 assert answer.status == 202
                 assert answer.body == b'{"status": "retrieving"}\n'
         finally:
@@ -110,8 +110,8 @@ async def test_concurrent_polls_open_one_connection_each() -> None:
     async with raw(OK) as server:
         http = transport(server.endpoint)
         try:
-            await asyncio.gather(*(http.get(ID) for _ in range(8)))
-            await asyncio.gather(*(http.get(ID) for _ in range(8)))
+            await asyncio.gather(*(http.fetch(ID) for _ in range(8)))
+            await asyncio.gather(*(http.fetch(ID) for _ in range(8)))
         finally:
             await http.close()
     assert server.connections == 8
@@ -125,7 +125,7 @@ async def test_connection_close_is_honoured() -> None:
         http = transport(server.endpoint)
         try:
             for _ in range(3):
-                assert (await http.get(ID)).status == 202
+                assert (await http.fetch(ID)).status == 202
         finally:
             await http.close()
     assert server.connections == 3
@@ -136,9 +136,9 @@ async def test_server_hangs_up_an_idle_connection() -> None:
     async with raw(OK, close_after=True) as server:  # no Connection: close, but it hangs up
         http = transport(server.endpoint)
         try:
-            assert (await http.get(ID)).status == 202
+            assert (await http.fetch(ID)).status == 202
             await asyncio.sleep(0.1)  # the close reaches the client
-            assert (await http.get(ID)).status == 202
+            assert (await http.fetch(ID)).status == 202
         finally:
             await http.close()
     assert server.connections == 2
@@ -150,7 +150,7 @@ async def test_body_to_end_of_connection() -> None:
     async with raw(answer, close_after=True) as server:
         http = transport(server.endpoint)
         try:
-            got = await http.get(ID)
+            got = await http.fetch(ID)
         finally:
             await http.close()
     assert (got.status, got.body) == (202, b'{"status": "failed"}')
@@ -165,8 +165,8 @@ async def test_chunked_answer() -> None:
     async with raw(answer) as server:
         http = transport(server.endpoint)
         try:
-            assert (await http.get(ID)).body == b'{"a": "b"}'
-            assert (await http.get(ID)).body == b'{"a": "b"}'  # and the connection is reusable
+            assert (await http.fetch(ID)).body == b'{"a": "b"}'
+            assert (await http.fetch(ID)).body == b'{"a": "b"}'  # and the connection is reusable
         finally:
             await http.close()
     assert server.connections == 1
@@ -189,7 +189,7 @@ async def test_compressed_answers_are_decoded(
     async with raw(answer) as server:
         http = transport(server.endpoint)
         try:
-            assert (await http.get(ID)).body == original
+            assert (await http.fetch(ID)).body == original
         finally:
             await http.close()
 
@@ -200,7 +200,7 @@ async def test_unasked_encoding_is_a_bad_answer() -> None:
         http = transport(server.endpoint)
         try:
             with pytest.raises(BadResponseError) as info:
-                await http.get(ID)
+                await http.fetch(ID)
         finally:
             await http.close()
     assert info.value.label == "bad_encoding"
@@ -213,7 +213,7 @@ async def test_corrupt_gzip_is_a_truncated_body() -> None:
         http = transport(server.endpoint)
         try:
             with pytest.raises(BadResponseError) as info:
-                await http.get(ID)
+                await http.fetch(ID)
         finally:
             await http.close()
     assert info.value.label == "truncated_body"
@@ -226,8 +226,8 @@ async def test_garbage_is_a_bad_answer() -> None:
         http = transport(server.endpoint)
         try:
             with pytest.raises(BadResponseError) as info:
-                await http.get(ID)
-            assert (await http.get(ID)).status == 202
+                await http.fetch(ID)
+            assert (await http.fetch(ID)).status == 202
         finally:
             await http.close()
     assert info.value.label == "bad_answer"
@@ -239,7 +239,7 @@ async def test_interim_answer_is_skipped() -> None:
     async with raw(b"HTTP/1.1 100 Continue\r\n\r\n" + OK) as server:
         http = transport(server.endpoint)
         try:
-            assert (await http.get(ID)).status == 202
+            assert (await http.fetch(ID)).status == 202
         finally:
             await http.close()
 
@@ -253,7 +253,7 @@ async def test_headers_read_case_blind() -> None:
     async with raw(answer) as server:
         http = transport(server.endpoint)
         try:
-            got = await http.get(ID)
+            got = await http.fetch(ID)
         finally:
             await http.close()
     assert (got.status, got.content_type, got.retry_after) == (429, "text/plain", "7")
@@ -266,12 +266,12 @@ async def test_cancelled_poll_never_reuses_its_connection() -> None:
     async with raw(lambda n: b"" if n == 1 else OK) as server:
         http = transport(server.endpoint, request_timeout=5.0)
         try:
-            task = asyncio.create_task(http.get(ID))
+            task = asyncio.create_task(http.fetch(ID))
             await asyncio.sleep(0.1)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert (await http.get(ID)).status == 202
+            assert (await http.fetch(ID)).status == 202
         finally:
             await http.close()
     assert server.connections == 2
@@ -286,7 +286,7 @@ async def test_oversize_length_fails_before_the_body() -> None:
         http = transport(server.endpoint)
         try:
             with pytest.raises(BadResponseError) as info:
-                await http.get(ID)
+                await http.fetch(ID)
         finally:
             await http.close()
     assert info.value.label == "too_large"
@@ -298,7 +298,7 @@ async def test_no_answer_in_time_is_a_timeout() -> None:
         http = transport(server.endpoint, request_timeout=0.2)
         try:
             with pytest.raises(TransportError) as info:
-                await http.get(ID)
+                await http.fetch(ID)
         finally:
             await http.close()
     assert info.value.label == "timeout"

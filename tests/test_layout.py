@@ -69,14 +69,14 @@ def test_no_import_cycle_inside_the_package() -> None:
 
 def test_harvester_run_loads_no_simulator_code() -> None:
     """The command line for `run`, the runner and everything they import: no harvester.sim,
-    no bench (nor hdrh), no aiohttp server."""
+    no bench (nor hdrh), no aiohttp at all (the default transport is http1.py)."""
     probe = (
         "import sys\n"
         "from harvester.cli import build_parser\n"
         "import harvester.runner, harvester.workers\n"
         "build_parser('run').parse_args(['run', '--ids', 'i', '--out', 'o'])\n"
-        "banned = ('harvester.sim', 'harvester.bench', 'hdrh')\n"
-        "print([m for m in sys.modules if m.startswith(banned) or m == 'aiohttp.web'])\n"
+        "banned = ('harvester.sim', 'harvester.bench', 'hdrh', 'aiohttp', 'harvester.session')\n"
+        "print([m for m in sys.modules if m.startswith(banned)])\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

@@ -18,10 +18,10 @@ import pytest
 import trustme
 from aiohttp import web
 
-from harvester.client import make_session
 from harvester.errors import ExitCode, UsageError
 from harvester.open_files import FILES_BESIDES_SOCKETS, ensure_open_files
 from harvester.runner import harvest
+from harvester.session import make_session
 from harvester.sim import Simulator, make_app
 
 from .conftest import TOKEN, fast_settings, make_ids, write_csv

@@ -7,9 +7,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from harvester.client import CompletionsClient, make_session
+from harvester.client import CompletionsClient
 from harvester.errors import BadResponseError
 from harvester.model import Kind
+from harvester.session import make_session
 
 DOC = {
     "model": "chatgpt",
