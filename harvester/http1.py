@@ -20,6 +20,7 @@ import ssl
 import zlib
 from typing import NamedTuple
 
+import aiohappyeyeballs
 import httptools
 from yarl import URL
 
@@ -36,6 +37,14 @@ class Reply(NamedTuple):
     body: bytes
 
 
+# Headers beyond this are refused: aiohttp caps a header line at 8 KiB; without a cap a
+# server could send one endless header until the request timeout, held in memory.
+MAX_HEADER_BYTES = 64 * 1024
+# Seconds before the next address of a host is tried alongside (RFC 8305, as aiohttp does):
+# a host whose IPv6 address is unreachable still connects over IPv4 at once.
+HAPPY_EYEBALLS_DELAY = 0.25
+
+
 class _Done(Exception):
     """Raised inside a parser callback to stop parsing: the request has failed already."""
 
@@ -46,6 +55,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, max_body: int) -> None:
         self._max_body = max_body
         self._parser = httptools.HttpResponseParser(self)
+        # Bare LF line ends, as aiohttp accepts them.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.open = False  # connected and fit for another request
@@ -57,13 +68,14 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._content_type = b""
         self._retry_after: bytes | None = None
-        self._encoding = b""
+        self._encodings: list[bytes] = []  # Content-Encoding, in the order applied
         self._length: int | None = None
         self._chunked = False
         self._headers_done = False
         self._keep_alive = True
         self._body: list[bytes] = []
         self._size = 0
+        self._head_bytes = 0
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -71,11 +83,15 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.open = True
 
+    def eof_received(self) -> bool:
+        self.open = False  # the server is done with it: not picked from the pool again
+        return False  # close our side too (then connection_lost reads what came)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
         if self._waiter is None or self._waiter.done():
             return
-        if self._headers_done and self._length is None and not self._chunked:
+        if self._headers_done and self._length is None and not self._chunked and exc is None:
             self._finish()  # the body runs to the end of the connection (HTTP/1.0 style)
         elif self._headers_done:
             self._fail(BadResponseError("truncated_body", "body ended early"))
@@ -86,20 +102,34 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:
             self.close()  # nothing was asked: a server talking out of turn is not reused
             return
+        if not self._headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._fail(BadResponseError("too_large", "headers over 64 KiB"))
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if not isinstance(exc.__context__, _Done):
                 self._fail(BadResponseError("bad_answer", "unusable answer"))
+        except httptools.HttpParserUpgrade:
+            self._fail(BadResponseError("bad_answer", "the server switched protocols"))
         except httptools.HttpParserError:
             self._fail(BadResponseError("bad_answer", "not an HTTP answer"))
 
     # -- httptools callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer after the one asked for (a server answering twice, or a stale
+            # answer mis-framed): the connection is mid-message, so it can never be reused.
+            self.close()
+            raise _Done
         self._reset()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer field: it may not change how the body reads
         name = name.lower()
         if name == b"content-type":
             self._content_type = value
@@ -108,7 +138,8 @@ class _Connection(asyncio.Protocol):
         elif name == b"transfer-encoding":
             self._chunked = b"chunked" in value.lower()
         elif name == b"content-encoding":
-            self._encoding = value.strip().lower()
+            coding = (c.strip() for c in value.lower().split(b","))
+            self._encodings += [c for c in coding if c and c != b"identity"]
         elif name == b"retry-after":
             self._retry_after = value
 
@@ -129,7 +160,10 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if 100 <= self._status < 200:
-            return  # an interim answer (100 Continue, 103): the real one follows
+            # An interim answer (100 Continue, 103): the real one follows, headers and all.
+            self._headers_done = False
+            self._head_bytes = 0
+            return
         self._finish()
 
     # -- one request ----------------------------------------------------------------------
@@ -153,6 +187,7 @@ class _Connection(asyncio.Protocol):
         if waiter is None:
             return
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
+        self._body = []  # an idle connection holds no copy of the last answer
         try:
             body = self._decoded(body)
         except BadResponseError as exc:
@@ -172,27 +207,42 @@ class _Connection(asyncio.Protocol):
             )
 
     def _decoded(self, body: bytes) -> bytes:
-        """The body after its Content-Encoding, held to the cap as it inflates."""
-        encoding = self._encoding
-        if not encoding or encoding == b"identity":
-            return body
+        """The body after its Content-Encoding(s), held to the cap as it inflates."""
+        if not body:
+            return body  # an empty body needs no decoding, whatever it says (a 429, a 204)
+        for encoding in reversed(self._encodings):
+            body = self._inflate(encoding, body)
+        return body
+
+    def _inflate(self, encoding: bytes, data: bytes) -> bytes:
         if encoding in (b"gzip", b"x-gzip"):
-            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            wbits = 16 + zlib.MAX_WBITS
         elif encoding == b"deflate":
-            # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
-            raw = len(body) < 2 or (body[0] * 256 + body[1]) % 31 != 0
-            inflater = zlib.decompressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+            # RFC 9110's deflate is zlib-wrapped; some servers send it raw. A zlib header is
+            # CM 8 with a window of at most 32 KiB and a check making the first two bytes a
+            # multiple of 31 (raw data passes the last test alone about 1 time in 31).
+            zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and data[0] >> 4 <= 7
+            wrapped = zlib_header and (data[0] * 256 + data[1]) % 31 == 0
+            wbits = zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS
         else:
             raise BadResponseError("bad_encoding", "a Content-Encoding that was not asked for")
-        try:
-            out = inflater.decompress(body, self._max_body + 1)
-        except zlib.error as exc:
-            raise BadResponseError("truncated_body", "compressed body is corrupt") from exc
-        if len(out) > self._max_body:
-            raise BadResponseError("too_large", f"body over the {self._max_body}-byte cap")
-        if not inflater.eof:
-            raise BadResponseError("truncated_body", "compressed body ended early")
-        return out
+        cap = self._max_body
+        out: list[bytes] = []
+        size = 0
+        while data:  # gzip may hold several members, one after another
+            inflater = zlib.decompressobj(wbits=wbits)
+            try:
+                piece = inflater.decompress(data, cap + 1 - size)
+            except zlib.error as exc:
+                raise BadResponseError("truncated_body", "compressed body is corrupt") from exc
+            size += len(piece)
+            if size > cap:
+                raise BadResponseError("too_large", f"body over the {cap}-byte cap")
+            if not inflater.eof:
+                raise BadResponseError("truncated_body", "compressed body ended early")
+            out.append(piece)
+            data = inflater.unused_data if wbits > zlib.MAX_WBITS else b""
+        return b"".join(out)
 
     def _fail(self, exc: Exception) -> None:
         """The request failed: the connection is in an unknown state, so it is closed."""
@@ -207,6 +257,11 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def abandon(self) -> None:
+        """The request was cancelled: stop its timer and close (its answer is never read)."""
+        self._settle()
+        self.close()
 
     def close(self) -> None:
         """Close now; any request on it fails as dropped."""
@@ -253,6 +308,7 @@ class Http1Transport:
         self._request_timeout = request_timeout
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
+        self._closed = False
 
     async def fetch(self, conversation_id: str) -> Reply:
         """One poll of ``conversation_id`` (a canonical uuid: it needs no quoting)."""
@@ -269,7 +325,7 @@ class Http1Transport:
             )
         except BaseException:
             # Failed or cancelled mid-request: the connection's state is unknown; never reused.
-            conn.close()
+            conn.abandon()
             self._all.discard(conn)
             raise
         if conn.open:
@@ -283,27 +339,44 @@ class Http1Transport:
         conn = _Connection(self._max_body)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
+                infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+                sock = await aiohappyeyeballs.start_connection(
+                    infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
                 )
+                try:
+                    await loop.create_connection(
+                        lambda: conn,
+                        sock=sock,
+                        ssl=self._ssl,
+                        server_hostname=self._host if self._ssl else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError as exc:
             raise TransportError("timeout", "connect timeout") from exc
-        except ssl.SSLError as exc:  # SSLCertVerificationError among them
+        except ssl.SSLCertVerificationError as exc:
             raise TlsError(
-                f"TLS verification failed for {self._host} ({exc}); fix the server's "
-                "certificate, or point SSL_CERT_FILE at the CA that signed it"
+                f"TLS verification failed for {self._host} ({exc.verify_message or exc}); fix "
+                "the server's certificate, or point SSL_CERT_FILE at the CA that signed it"
+            ) from exc
+        except ssl.SSLError as exc:
+            # Not the certificate: a handshake refused or garbled (a plain-http port, a busy
+            # balancer). Retried like any failed connection; exit 5 if it never answers.
+            raise TransportError(
+                "connect_error", f"TLS handshake failed ({exc.reason or exc})"
             ) from exc
         except OSError as exc:
             raise TransportError("connect_error", os_cause(self._host, exc)) from exc
+        if self._closed:
+            conn.close()
+            raise TransportError("disconnected", "the transport was closed")
         self._all.add(conn)
         return conn
 
     async def close(self) -> None:
         """Close every connection (call once the polls are over)."""
+        self._closed = True
         for conn in self._all:
             conn.close()
         self._all.clear()

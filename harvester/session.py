@@ -69,11 +69,15 @@ class SessionTransport:
             raise TransportError("timeout", "connect timeout") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise TransportError("timeout", "request timed out") from exc
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+        except aiohttp.ClientConnectorCertificateError as exc:
             raise TlsError(
                 f"TLS verification failed for {self._prefix.split('/')[2]} ({exc}); fix the "
                 "server's certificate, or point SSL_CERT_FILE at the CA that signed it"
             ) from exc
+        except aiohttp.ClientSSLError as exc:
+            # Not the certificate: a handshake refused or garbled (a plain-http port, a busy
+            # balancer). Retried like any failed connection; exit 5 if it never answers.
+            raise TransportError("connect_error", f"TLS handshake failed ({exc})") from exc
         except aiohttp.ClientConnectorError as exc:
             raise TransportError("connect_error", connect_cause(exc)) from exc
         except aiohttp.ClientPayloadError as exc:

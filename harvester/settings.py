@@ -137,6 +137,10 @@ def check_token(token: str) -> None:
         token.isprintable() and not any(c.isspace() for c in token),
         "the API token has spaces or control characters; check MASSIVE_API_TOKEN",
     )
+    _require(
+        token.isascii(),
+        "the API token has non-ASCII characters (a header carries ASCII); check MASSIVE_API_TOKEN",
+    )
 
 
 def check_metrics_address(host: str, port: int | None) -> None:

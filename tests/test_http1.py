@@ -8,7 +8,10 @@ on both in ``test_client_parsing.py``; these are what only a hand-held connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import socket
+import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -74,6 +77,17 @@ def transport(endpoint: str, **kwargs: float) -> Http1Transport:
     """A transport with short timeouts and a 64 KiB cap."""
     options = {"connect_timeout": 2.0, "request_timeout": 2.0, **kwargs}
     return Http1Transport(endpoint, token="tok", max_body_bytes=64 * 1024, **options)
+
+
+@asynccontextmanager
+async def raw_answer(answer: bytes) -> AsyncIterator[Http1Transport]:
+    """A transport to a server answering ``answer`` to every request."""
+    async with raw(answer) as server:
+        http = transport(server.endpoint)
+        try:
+            yield http
+        finally:
+            await http.close()
 
 
 def reply(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
@@ -319,3 +333,208 @@ def test_ipv6_literal_and_default_port_in_host_header() -> None:
     )
     assert b"\r\nHost: api.example.com\r\n" in plain._tail
     assert plain._head == b"GET /ai/completions?id="
+
+
+# -- what a fresh-eyes review found --------------------------------------------------------
+
+
+async def test_raw_deflate_that_looks_like_a_zlib_check_is_decoded() -> None:
+    """About 1 raw-deflate body in 31 starts with two bytes that pass zlib's header check
+    alone; the header's method and window bits must match too, or it is refused forever."""
+    found = None
+    for n in range(3000):
+        original = (b"%d " % n) * 40  # bodies that start differently, unlike JSON's "{"
+        raw = zlib.compress(original)[2:-4]
+        if (raw[0] * 256 + raw[1]) % 31 == 0:
+            found = (original, raw)
+            break
+    assert found is not None
+    original, raw = found
+    async with raw_answer(reply(raw, "Content-Encoding: deflate")) as http:
+        assert (await http.fetch(ID)).body == original
+
+
+async def test_a_second_answer_never_answers_the_next_request() -> None:
+    """A server that answers twice: the extra answer must not be read as the next id's."""
+    failed = reply(b'{"status": "failed"}', status="202 Accepted")
+    retrieving = reply(b'{"status": "retrieving"}', status="202 Accepted")
+    # The first request's answer, then the start of a stray second one in the same write.
+    async with raw(lambda n: retrieving + failed[:20] if n == 1 else retrieving) as server:
+        http = transport(server.endpoint)
+        try:
+            assert (await http.fetch(ID)).body == b'{"status": "retrieving"}'
+            assert (await http.fetch(ID)).body == b'{"status": "retrieving"}'
+        finally:
+            await http.close()
+    assert server.connections == 2
+
+
+async def test_an_empty_compressed_throttle_is_still_a_throttle() -> None:
+    """A 429 with ``Content-Encoding: gzip`` and no body is read as the 429 it is."""
+    answer = reply(b"", "Content-Encoding: gzip", "Retry-After: 30", status="429 Too Many")
+    async with raw_answer(answer) as http:
+        got = await http.fetch(ID)
+    assert (got.status, got.retry_after, got.body) == (429, "30", b"")
+
+
+async def test_endless_headers_are_refused() -> None:
+    """Headers past 64 KiB are ``too_large``, not held until the request timeout."""
+    answer = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * (256 * 1024)
+    async with raw_answer(answer) as http:
+        with pytest.raises(BadResponseError) as info:
+            await http.fetch(ID)
+    assert info.value.label == "too_large"
+
+
+async def test_switching_protocols_is_a_bad_answer() -> None:
+    """A 101 is not an answer to a poll."""
+    answer = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    async with raw_answer(answer) as http:
+        with pytest.raises(BadResponseError) as info:
+            await http.fetch(ID)
+    assert info.value.label == "bad_answer"
+
+
+async def test_trailers_do_not_change_the_answer() -> None:
+    """A trailer field after a chunked body cannot change its type or encoding."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: Content-Type\r\n\r\n2\r\n{}\r\n0\r\nContent-Type: text/html\r\n"
+        b"Content-Encoding: gzip\r\n\r\n"
+    )
+    async with raw_answer(answer) as http:
+        got = await http.fetch(ID)
+    assert (got.content_type, got.body) == ("application/json", b"{}")
+
+
+@pytest.mark.parametrize(
+    ("headers", "encode"),
+    [
+        (("Content-Encoding: gzip, identity",), gzip.compress),
+        (
+            ("Content-Encoding: gzip", "Content-Encoding: gzip"),
+            lambda d: gzip.compress(gzip.compress(d)),
+        ),
+        (("Content-Encoding: GZIP",), lambda d: gzip.compress(d[:10]) + gzip.compress(d[10:])),
+    ],
+    ids=["with-identity", "twice", "two-members"],
+)
+async def test_encoding_lists_and_gzip_members(
+    headers: tuple[str, ...], encode: Callable[[bytes], bytes]
+) -> None:
+    """Codings listed or repeated are undone in reverse order; every gzip member is read."""
+    original = b'{"status": "retrieving", "pad": "' + b"y" * 300 + b'"}'
+    async with raw_answer(reply(encode(original), *headers)) as http:
+        assert (await http.fetch(ID)).body == original
+
+
+async def test_bare_lf_line_ends_are_accepted() -> None:
+    """A server that ends header lines with LF alone is read, as aiohttp reads it."""
+    answer = b"HTTP/1.1 202 Accepted\nContent-Type: application/json\nContent-Length: 2\n\n{}"
+    async with raw_answer(answer) as http:
+        assert (await http.fetch(ID)).body == b"{}"
+
+
+async def test_a_reset_mid_body_to_eof_is_not_a_whole_answer() -> None:
+    """A body that runs to the connection's end, cut by a reset, is ``truncated_body``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.0 202 Accepted\r\nContent-Type: application/json\r\n\r\n{"sta')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = transport(f"http://127.0.0.1:{port}/ai/completions")
+    try:
+        with pytest.raises(BadResponseError) as info:
+            await http.fetch(ID)
+    finally:
+        await http.close()
+        server.close()
+        await server.wait_closed()
+    assert info.value.label == "truncated_body"
+
+
+async def test_a_cancelled_poll_leaves_no_timer() -> None:
+    """Cancelling a poll stops its request timer with it."""
+    async with raw(b"") as server:
+        http = transport(server.endpoint, request_timeout=30.0)
+        try:
+            task = asyncio.create_task(http.fetch(ID))
+            await asyncio.sleep(0.1)
+            (conn,) = http._all
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert conn._timer is None
+        finally:
+            await http.close()
+
+
+async def test_an_unreachable_first_address_falls_through_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name whose first address never answers connects over the next one within the
+    Happy Eyeballs delay, not after the whole connect timeout."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.2", 0))
+    blackhole.listen(0)
+    fillers = []
+    for _ in range(4):  # fill its backlog: further connects hang without an answer
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(blackhole.getsockname())
+        fillers.append(filler)
+    async with raw(OK) as server:
+        port = int(server.endpoint.split(":")[2].split("/")[0])
+        dead = blackhole.getsockname()[1]
+        loop = asyncio.get_running_loop()
+
+        async def addresses(host: str, _port: int, **_kw: object) -> list[tuple[object, ...]]:
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", dead)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            ]
+
+        monkeypatch.setattr(loop, "getaddrinfo", addresses)
+        http = transport(f"http://api.test:{port}/ai/completions", connect_timeout=5.0)
+        try:
+            started = loop.time()
+            assert (await http.fetch(ID)).status == 202
+            assert loop.time() - started < 4.0  # well inside the 5 s connect timeout
+        finally:
+            await http.close()
+    blackhole.close()
+    for filler in fillers:
+        filler.close()
+
+
+async def test_a_tls_handshake_failure_is_retried_not_fatal() -> None:
+    """A plain-http server behind an https URL fails the handshake: a ``connect_error`` to
+    retry (exit 5 if nothing ever answers), not the fatal certificate error."""
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An http server's answer to bytes it cannot read, then hang up."""
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    http = transport(f"https://127.0.0.1:{port}/ai/completions")
+    try:
+        with pytest.raises(TransportError) as info:
+            await http.fetch(ID)
+    finally:
+        await http.close()
+        server.close()
+        await server.wait_closed()
+    assert info.value.label == "connect_error"
+    assert "TLS handshake failed" in str(info.value)

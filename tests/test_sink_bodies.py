@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harvester import sink as sink_module
-from harvester.client import parse_ok
+from harvester.client import json_line, parse_ok
 from harvester.model import API_FIELDS, EXTRA_FIELD, Kind
 from harvester.sink import ParquetSink
 
@@ -42,7 +42,7 @@ async def store(root: Path, bodies: list[bytes], *, as_lines: bool = True) -> li
         kind, doc = parse_ok("application/json", body)
         assert kind is Kind.COMPLETED
         assert doc is not None
-        line = orjson.dumps(doc) if b"\n" in body else body
+        line = json_line(body)
         sink.add(conversation_id, kind, doc, 1, line if as_lines else None)
         docs.append((conversation_id, doc))
     await sink.flush()
