@@ -23,6 +23,7 @@ from .errors import ExitCode, InputError, UsageError, end_code
 from .exporter import MetricsServer, run_snapshot, serve_metrics
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
+from .lean import skip_pandas_probe
 from .lease import RunLease, clean_stale_temporaries
 from .looplag import LoopLagMonitor
 from .metrics import STOPPED, RunStats
@@ -118,6 +119,7 @@ class Run:
     def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
+        skip_pandas_probe()  # lean.py: ~60 MiB and a GIL-holding import kept out of the run
         ensure_open_files(s.concurrency)
         reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
