@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from .bigbody import BIG_BODY_BYTES, BigBodies
 from .errors import (
     BadResponseError,
     FatalApiError,
@@ -85,8 +86,10 @@ class CompletionsClient:
         token: str,
         max_body_bytes: int,
         retry_after_max: float = 300.0,
+        big_bodies: BigBodies | None = None,
     ) -> None:
         self._session = session
+        self._big = big_bodies  # decodes big 200 answers off the loop (bigbody.py)
         self.endpoint = endpoint  # the URL polled, for messages
         self._prefix = endpoint + "?id="
         self._token = token
@@ -121,6 +124,10 @@ class CompletionsClient:
         except aiohttp.ClientError as exc:
             raise TransportError("client_error", type(exc).__name__) from exc
         try:
+            if status == 200 and self._big is not None and len(body) >= BIG_BODY_BYTES:
+                kind, row = await self._big.parse_ok(headers.get("Content-Type", ""), body)
+                # A Prepared row stands for the Completion: only the sink reads it.
+                return kind, cast(Completion | None, row)
             return self._interpret(status, headers, body)
         except (TransientError, FatalError):
             raise

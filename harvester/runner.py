@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 
+from .bigbody import BigBodies
 from .client import CompletionsClient, make_session
 from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
@@ -166,6 +167,7 @@ class Run:
             token=s.token,
             max_body_bytes=s.max_body_bytes,
             retry_after_max=s.retry_after_max,
+            big_bodies=(big := BigBodies()),
         )
         pacer = self._pacer = Pacer(s.rate)
         scheduler = self._scheduler = Scheduler(
@@ -205,6 +207,7 @@ class Run:
                 await self._run_scheduler(scheduler, batches, done)
             await sink.flush()
         finally:
+            big.close()
             if self.metrics is not None:
                 self.metrics.close()
             for task in (flusher, reporter, lag):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,15 +22,19 @@ from typing import Any
 
 import pyarrow as pa
 
+from .bigbody import Prepared
 from .dataset import FILE_SCHEMA, STRING_COLUMNS, partition_rel
 from .model import TEXT_FIELDS, Completion, Kind
 from .storage import Store, open_store
 
 # Text columns counted toward the buffer's size (targeting values are a few bytes).
 _SIZED = frozenset(TEXT_FIELDS)
-# Rows are turned into Arrow about this much text at a time (see ``_Columns.table``): a copy
-# of 2 MiB holds the GIL for about a millisecond.
-SLICE_BYTES = 2 * 1024 * 1024
+# Rows are turned into Arrow about this much text at a time (see ``_Columns.pieces``): a copy
+# of 256 KiB holds the GIL for about 0.1 ms (2 MiB slices left a loop-lag p99 of 55 ms at
+# saturation, 256 KiB 17 ms: ``benchmarks/scale.py``).
+SLICE_BYTES = 256 * 1024
+# A flush is written in row groups of about this much text (``_Columns.pieces``).
+ROW_GROUP_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -45,16 +50,26 @@ class _Columns:
     polls: list[int] = field(default_factory=list)
     harvested_at: list[int] = field(default_factory=list)
     extra: list[str | None] = field(default_factory=list)
+    # Big rows decoded off the loop (``bigbody.py``): id, polls, harvested_at, the row.
+    prepared: list[tuple[str, int, int, Prepared]] = field(default_factory=list)
 
     nbytes: int = 0  # the text buffered, as counted by ``ParquetSink.add``
 
     def table(self) -> pa.Table:
-        """The rows as one table, converted a slice of about ``SLICE_BYTES`` at a time.
+        """The rows as one table (``pieces`` joined)."""
+        return pa.concat_tables(list(self.pieces()))
+
+    def pieces(self) -> Iterator[pa.Table]:
+        """The rows as tables of about ``ROW_GROUP_BYTES`` of text (a row group each),
+        converted a slice of about ``SLICE_BYTES`` at a time, each one's Python values
+        released as soon as it is converted; at least one table, maybe of no rows.
 
         pyarrow holds the GIL while it copies Python strings into Arrow buffers; one call over
         a whole flush (tens of MB) would stall the event loop, in the other thread, as long.
         Between two slices the loop thread gets the GIL back (the interpreter hands it over
-        every ``sys.getswitchinterval()``), so a stall is bounded by one slice's copy.
+        every ``sys.getswitchinterval()``), so a stall is bounded by one slice's copy. And a
+        flush holds, besides its Python values, only one row group in Arrow at a time, not
+        a copy of the whole file.
         """
         arrays: dict[str, Any] = {"id": self.id, "status": self.status, **self.texts}
         arrays.update(
@@ -65,17 +80,48 @@ class _Columns:
         )
         rows = len(self.id)
         step = max(1, rows * SLICE_BYTES // max(self.nbytes, 1))
-        columns = [
-            pa.chunked_array(
-                [
-                    pa.array(arrays[f.name][start : start + step], type=f.type)
-                    for start in range(0, rows, step)
-                ],
-                type=f.type,
-            )
-            for f in FILE_SCHEMA
-        ]
-        return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+        group = step * max(1, ROW_GROUP_BYTES // SLICE_BYTES)
+        for first in range(0, rows, group):
+            last = min(first + group, rows)
+            columns = [
+                pa.chunked_array(
+                    [
+                        pa.array(arrays[f.name][start : min(start + step, last)], type=f.type)
+                        for start in range(first, last, step)
+                    ],
+                    type=f.type,
+                )
+                for f in FILE_SCHEMA
+            ]
+            for values in arrays.values():  # converted: let the strings go now
+                values[first:last] = itertools.repeat(None, last - first)
+            yield pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+        for prepared in self.prepared:
+            yield _prepared_row(*prepared)
+        if not rows and not self.prepared:
+            yield FILE_SCHEMA.empty_table()
+
+
+def _prepared_row(conversation_id: str, polls: int, micros: int, row: Prepared) -> pa.Table:
+    """A big row read back from its Arrow bytes (no copy), with what the sink adds set."""
+    table = row.table()
+    for name, value in (("id", conversation_id), ("polls", polls), ("harvested_at", micros)):
+        at = FILE_SCHEMA.get_field_index(name)
+        column = FILE_SCHEMA.field(at)
+        table = table.set_column(at, column, pa.array([value], type=column.type))
+    return table
+
+
+def row_table(doc: Completion) -> pa.Table:
+    """One completed row converted exactly as the sink converts it (``bigbody.decode``);
+    ``id``, ``polls`` and ``harvested_at`` are placeholders the sink sets."""
+    cols = _Columns()
+    cols.id.append("")
+    cols.status.append(Kind.COMPLETED.value)
+    cols.polls.append(0)
+    cols.harvested_at.append(0)
+    cols.nbytes = ParquetSink._add_doc(cols, doc)
+    return cols.table()
 
 
 class ParquetSink:
@@ -113,11 +159,16 @@ class ParquetSink:
         """True when producers must wait for a flush: keeps memory bounded."""
         return self._rows >= 2 * self.flush_rows or self._bytes >= 2 * self.flush_bytes
 
-    def add(self, conversation_id: str, kind: Kind, doc: Completion | None, polls: int) -> None:
+    def add(
+        self, conversation_id: str, kind: Kind, doc: Completion | Prepared | None, polls: int
+    ) -> None:
         """Buffer one terminal row (``doc`` is the validated Completion for completed ids)."""
         now = self._clock()
         model = doc["model"] if doc is not None else None
         cols = self._columns(self._date(now), model)
+        if isinstance(doc, Prepared):  # a big row already in Arrow (bigbody.py)
+            self._add_prepared(cols, conversation_id, polls, now, doc)
+            return
         cols.id.append(conversation_id)
         cols.status.append(kind.value)
         cols.polls.append(polls)
@@ -132,6 +183,16 @@ class ParquetSink:
             cols.nbytes += size
             self._bytes += size
         self._bytes += 200
+        self._rows += 1
+        if self.full():
+            self._full.set()
+
+    def _add_prepared(
+        self, cols: _Columns, conversation_id: str, polls: int, now: float, row: Prepared
+    ) -> None:
+        cols.prepared.append((conversation_id, polls, int(now * 1_000_000), row))
+        cols.nbytes += row.nbytes
+        self._bytes += row.nbytes + 200
         self._rows += 1
         if self.full():
             self._full.set()
@@ -199,7 +260,7 @@ class ParquetSink:
 
     def _write_one(self, directory: str, cols: _Columns, seq: int) -> None:
         name = f"{directory}/part-{self.run_id}-{seq:06d}.parquet"
-        rows = self.store.commit(name, cols.table())
+        rows = self.store.commit(name, cols.pieces())
         # Counted here, in the writer thread, so a cancelled flush still counts its files.
         self.rows_written += rows
         self.files_written += 1
