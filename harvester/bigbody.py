@@ -22,43 +22,16 @@ import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Final
 
 import pyarrow as pa
 
+from .client import parse_ok
 from .errors import BadResponseError
 from .model import Kind
+from .prepared import Prepared
+from .sink import row_table
 
-__all__ = ["BIG_BODY_BYTES", "BigBodies", "Prepared"]
-
-# Bodies from this size on are decoded in the pool: orjson takes ~3 ms a MiB of non-ASCII
-# JSON here, so a smaller body stalls the loop less than a round trip to the pool costs.
-BIG_BODY_BYTES: Final = 1 << 20
-
-
-class Prepared:
-    """One completed row decoded in the pool: its ``model`` (for the partition) and the row
-    as Arrow IPC in ``FILE_SCHEMA`` (``id``, ``polls`` and ``harvested_at`` are set by the
-    sink): bytes, or a memory-mapped file of them (no copy in this process)."""
-
-    __slots__ = ("ipc", "model")
-
-    def __init__(self, model: str, ipc: bytes | pa.Buffer) -> None:
-        self.model = model
-        self.ipc = ipc
-
-    def __getitem__(self, name: str) -> str:
-        if name != "model":  # only the partition is read before the writer thread
-            raise KeyError(name)
-        return self.model
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.ipc) if isinstance(self.ipc, bytes) else self.ipc.size
-
-    def table(self) -> pa.Table:
-        """The row as a one-row table (zero-copy over ``ipc``)."""
-        return pa.ipc.open_stream(pa.py_buffer(self.ipc)).read_all()
+__all__ = ["BigBodies", "decode", "decode_file"]
 
 
 def decode_file(content_type: str, path: str) -> tuple[str, str, bytes | None]:
@@ -79,9 +52,6 @@ def decode(content_type: str, body: bytes) -> tuple[str, str, bytes | None]:
     """In the child: ``parse_ok`` and the sink's conversion; errors come back as values
     (``("error", label, message)``), results as ``("row", model, ipc)`` or
     ``("kind", kind, None)``."""
-    from .client import parse_ok
-    from .sink import row_table
-
     try:
         kind, doc = parse_ok(content_type, body)
     except BadResponseError as exc:

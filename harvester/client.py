@@ -19,7 +19,6 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .bigbody import BIG_BODY_BYTES, BigBodies
 from .errors import (
     BadResponseError,
     FatalApiError,
@@ -39,6 +38,7 @@ from .model import (
     Completion,
     Kind,
 )
+from .prepared import BIG_BODY_BYTES, BigDecoder
 
 _FATAL_HINTS = {
     401: "the API got no token: set MASSIVE_API_TOKEN (or --token-file)",
@@ -86,7 +86,7 @@ class CompletionsClient:
         token: str,
         max_body_bytes: int,
         retry_after_max: float = 300.0,
-        big_bodies: BigBodies | None = None,
+        big_bodies: BigDecoder | None = None,
     ) -> None:
         self._session = session
         self._big = big_bodies  # decodes big 200 answers off the loop (bigbody.py)

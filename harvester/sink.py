@@ -22,9 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from .bigbody import Prepared
 from .dataset import FILE_SCHEMA, STRING_COLUMNS, partition_rel
 from .model import TEXT_FIELDS, Completion, Kind
+from .prepared import Prepared
 from .storage import Store, open_store
 
 # Text columns counted toward the buffer's size (targeting values are a few bytes).

@@ -9,10 +9,11 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from harvester.bigbody import BIG_BODY_BYTES, BigBodies, Prepared, decode
+from harvester.bigbody import BigBodies, decode
 from harvester.client import parse_ok
 from harvester.errors import BadResponseError
 from harvester.model import Kind
+from harvester.prepared import BIG_BODY_BYTES, Prepared
 from harvester.runner import harvest
 from harvester.sink import ParquetSink
 
