@@ -10,6 +10,10 @@ the pool's result thread) and the sink's writer thread reads them without a copy
 (``Prepared.table``): no big ``str`` ever exists in this process, and the value stored is
 the one ``parse_ok`` produced, so fidelity is that of the small-body path.
 
+The pool is started with ``spawn``, which imports the parent's ``__main__`` in the child: a script
+that calls ``harvester.runner.harvest`` must do so under ``if __name__ == "__main__":`` (the
+``harvester`` command and ``python -m harvester`` need nothing).
+
 Memory: a big body is held here while the child decodes it, and its row (about its UTF-8
 size) until the sink commits it; the sink counts that toward ``--flush-bytes``.
 """
