@@ -30,8 +30,10 @@ from .storage import Store, open_store
 # Text columns counted toward the buffer's size (targeting values are a few bytes).
 _SIZED = frozenset(TEXT_FIELDS)
 # Rows are turned into Arrow about this much text at a time (see ``_Columns.pieces``): a copy
-# of 256 KiB holds the GIL for about 0.1 ms (2 MiB slices left a loop-lag p99 of 55 ms at
-# saturation, 256 KiB 17 ms: ``benchmarks/scale.py``).
+# of 256 KiB holds the GIL for about 0.1 ms. Measured in ``benchmarks/scale.py`` at saturation:
+# before the row groups below, 2 MiB slices left a loop-lag p99 of 55 ms and 256 KiB 17 ms; with
+# them, 4 alternating pairs of 200k-id runs put the two within noise on lag, and 256 KiB ~10%
+# lower on rows/s (medians 12.0k vs 13.4k a second, on a loaded machine): worth re-measuring.
 SLICE_BYTES = 256 * 1024
 # A flush is written in row groups of about this much text (``_Columns.pieces``).
 ROW_GROUP_BYTES = 8 * 1024 * 1024
