@@ -80,9 +80,13 @@ def string_array(rows: npt.NDArray[np.uint8]) -> pa.Array:
     )
 
 
-def _table(ids: pa.Array, status: pa.Array, completed: bool, date: str) -> pa.Table:
+def _table(
+    ids: pa.Array, status: pa.Array, completed: bool, date: str, model: str | None = None
+) -> pa.Table:
     n = len(ids)
     columns: dict[str, pa.Array] = {"id": ids, "status": status}
+    # Every field is a column now, ``model`` included (the folder holds its model_key).
+    columns["model"] = pa.repeat(model, n) if model is not None else pa.nulls(n, pa.string())
     for name in ("query", "html", "prompt", "completion", "sources", "ads"):
         columns[name] = pa.repeat("x", n) if completed else pa.nulls(n, pa.string())
     if completed:
@@ -104,7 +108,7 @@ def _table(ids: pa.Array, status: pa.Array, completed: bool, date: str) -> pa.Ta
 
 def build(rows: int, files: int, new: int) -> dict[str, Any]:
     """The dataset and the ids CSV, made once and reused while the parameters match."""
-    params = {"rows": rows, "files": files, "new": new, "layout": 2}
+    params = {"rows": rows, "files": files, "new": new, "layout": 3}
     marker = BASE / "_bench.json"
     if marker.exists() and IDS_CSV.exists():
         meta: dict[str, Any] = json.loads(marker.read_text())
@@ -141,8 +145,8 @@ def build(rows: int, files: int, new: int) -> dict[str, Any]:
             else:
                 uuids = uuid_rows(rng, per_file)
                 ids = string_array(uuids)
-                table = _table(ids, pa.repeat("completed", per_file), True, date)
                 model = MODELS[slot % len(MODELS)]
+                table = _table(ids, pa.repeat("completed", per_file), True, date, model)
                 counts["completed"] += per_file
                 lines = np.hstack((uuids, np.full((per_file, 1), 10, np.uint8))).tobytes()
             directory = partition_dir(BASE, date, model)

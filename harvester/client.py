@@ -33,6 +33,7 @@ from .model import (
     Completion,
     Kind,
 )
+from .prepared import BIG_BODY_BYTES, BigDecoder
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession
@@ -66,12 +67,14 @@ class CompletionsClient:
         token: str,
         max_body_bytes: int,
         retry_after_max: float = 300.0,
+        big_bodies: BigDecoder | None = None,
     ) -> None:
         if not hasattr(transport, "fetch"):  # an aiohttp session (imported only then)
             from .session import SessionTransport
 
             transport = SessionTransport(transport, endpoint, max_body_bytes)
         self._transport = transport
+        self._big = big_bodies  # decodes big 200 answers off the loop (bigbody.py)
         self.endpoint = endpoint  # the URL polled, for messages
         self._token = token
         self._retry_after_max = retry_after_max
@@ -88,6 +91,11 @@ class CompletionsClient:
         stores the text from those bytes (``sink._Bodies``), not from Python strings."""
         reply = await self._transport.fetch(conversation_id)
         try:
+            if reply.status == 200 and self._big is not None and len(reply.body) >= BIG_BODY_BYTES:
+                kind, row = await self._big.parse_ok(reply.content_type, reply.body)
+                # A Prepared row stands for the Completion (already in Arrow): only the sink
+                # reads it, so no line goes with it.
+                return kind, cast(Completion | None, row), None
             kind, doc = self._interpret(reply)
         except (TransientError, FatalError):
             raise

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+from .bigbody import BigBodies
 from .client import CompletionsClient
 from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
@@ -23,6 +24,7 @@ from .exporter import MetricsServer, run_snapshot, serve_metrics
 from .http1 import Http1Transport
 from .ids import Batch, IdReader
 from .idset import DoneSet, IdSet
+from .lean import skip_pandas_probe
 from .lease import RunLease, clean_stale_temporaries
 from .looplag import LoopLagMonitor
 from .metrics import STOPPED, RunStats
@@ -138,6 +140,7 @@ class Run:
     def _prepare(self) -> tuple[IdReader, Iterator[Batch], int, DoneSet]:
         """Blocking start-up, in a thread: check the input, lock the shard, load what is done."""
         s = self.settings
+        skip_pandas_probe()  # lean.py: ~60 MiB and a GIL-holding import kept out of the run
         ensure_open_files(s.concurrency)
         reader = IdReader(s.ids_path, id_column=s.id_column, strict=s.strict)
         batches = reader.open()
@@ -184,6 +187,7 @@ class Run:
             token=s.token,
             max_body_bytes=s.max_body_bytes,
             retry_after_max=s.retry_after_max,
+            big_bodies=(big := BigBodies()),
         )
         pacer = self._pacer = Pacer(s.rate)
         scheduler = self._scheduler = Scheduler(
@@ -223,6 +227,7 @@ class Run:
                 await self._run_scheduler(scheduler, batches, done)
             await sink.flush()
         finally:
+            big.close()
             if self.metrics is not None:
                 self.metrics.close()
             for task in (flusher, reporter, lag):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,17 +26,23 @@ import pyarrow.json as pa_json
 
 from .dataset import FILE_SCHEMA, STRING_COLUMNS, partition_rel
 from .model import API_FIELDS, TEXT_FIELDS, Completion, Kind
+from .prepared import Prepared
 from .storage import Store, open_store
 
 # Text columns counted toward the buffer's size (targeting values are a few bytes).
 _SIZED = frozenset(TEXT_FIELDS)
-# Rows are turned into Arrow about this much text at a time (see ``_Columns.table``): a copy
-# of 2 MiB holds the GIL for about a millisecond.
-SLICE_BYTES = 2 * 1024 * 1024
+# Rows are turned into Arrow about this much text at a time (see ``_Columns.pieces``): a copy
+# of 256 KiB holds the GIL for about 0.1 ms. Measured in ``benchmarks/scale.py`` at saturation:
+# before the row groups below, 2 MiB slices left a loop-lag p99 of 55 ms and 256 KiB 17 ms; with
+# them, 4 alternating pairs of 200k-id runs put the two within noise on lag, and 256 KiB ~10%
+# lower on rows/s (medians 12.0k vs 13.4k a second, on a loaded machine): worth re-measuring.
+SLICE_BYTES = 256 * 1024
+# A flush is written in row groups of about this much text (``_Columns.pieces``).
+ROW_GROUP_BYTES = 8 * 1024 * 1024
 # The Completion's columns as Arrow's JSON reader is asked for them (``_Bodies``).
 _BODY_SCHEMA = pa.schema([FILE_SCHEMA.field(name) for name in API_FIELDS])
 _BODY_PARSE = pa_json.ParseOptions(explicit_schema=_BODY_SCHEMA, unexpected_field_behavior="ignore")
-_NO_FANOUTS = pa.scalar([], type=FILE_SCHEMA.field("fanouts").type)
+_FANOUTS_TYPE = FILE_SCHEMA.field("fanouts").type
 
 
 @dataclass
@@ -51,16 +58,26 @@ class _Columns:
     polls: list[int] = field(default_factory=list)
     harvested_at: list[int] = field(default_factory=list)
     extra: list[str | None] = field(default_factory=list)
+    # Big rows decoded off the loop (``bigbody.py``): id, polls, harvested_at, the row.
+    prepared: list[tuple[str, int, int, Prepared]] = field(default_factory=list)
 
     nbytes: int = 0  # the text buffered, as counted by ``ParquetSink.add``
 
     def table(self) -> pa.Table:
-        """The rows as one table, converted a slice of about ``SLICE_BYTES`` at a time.
+        """The rows as one table (``pieces`` joined)."""
+        return pa.concat_tables(list(self.pieces()))
+
+    def pieces(self) -> Iterator[pa.Table]:
+        """The rows as tables of about ``ROW_GROUP_BYTES`` of text (a row group each),
+        converted a slice of about ``SLICE_BYTES`` at a time, each one's Python values
+        released as soon as it is converted; at least one table, maybe of no rows.
 
         pyarrow holds the GIL while it copies Python strings into Arrow buffers; one call over
         a whole flush (tens of MB) would stall the event loop, in the other thread, as long.
         Between two slices the loop thread gets the GIL back (the interpreter hands it over
-        every ``sys.getswitchinterval()``), so a stall is bounded by one slice's copy.
+        every ``sys.getswitchinterval()``), so a stall is bounded by one slice's copy. And a
+        flush holds, besides its Python values, only one row group in Arrow at a time, not
+        a copy of the whole file.
         """
         arrays: dict[str, Any] = {"id": self.id, "status": self.status, **self.texts}
         arrays.update(
@@ -71,17 +88,48 @@ class _Columns:
         )
         rows = len(self.id)
         step = max(1, rows * SLICE_BYTES // max(self.nbytes, 1))
-        columns = [
-            pa.chunked_array(
-                [
-                    pa.array(arrays[f.name][start : start + step], type=f.type)
-                    for start in range(0, rows, step)
-                ],
-                type=f.type,
-            )
-            for f in FILE_SCHEMA
-        ]
-        return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+        group = step * max(1, ROW_GROUP_BYTES // SLICE_BYTES)
+        for first in range(0, rows, group):
+            last = min(first + group, rows)
+            columns = [
+                pa.chunked_array(
+                    [
+                        pa.array(arrays[f.name][start : min(start + step, last)], type=f.type)
+                        for start in range(first, last, step)
+                    ],
+                    type=f.type,
+                )
+                for f in FILE_SCHEMA
+            ]
+            for values in arrays.values():  # converted: let the strings go now
+                values[first:last] = itertools.repeat(None, last - first)
+            yield pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+        for prepared in self.prepared:
+            yield _prepared_row(*prepared)
+        if not rows and not self.prepared:
+            yield FILE_SCHEMA.empty_table()
+
+
+def _prepared_row(conversation_id: str, polls: int, micros: int, row: Prepared) -> pa.Table:
+    """A big row read back from its Arrow bytes (no copy), with what the sink adds set."""
+    table = row.table()
+    for name, value in (("id", conversation_id), ("polls", polls), ("harvested_at", micros)):
+        at = FILE_SCHEMA.get_field_index(name)
+        column = FILE_SCHEMA.field(at)
+        table = table.set_column(at, column, pa.array([value], type=column.type))
+    return table
+
+
+def row_table(doc: Completion) -> pa.Table:
+    """One completed row converted exactly as the sink converts it (``bigbody.decode``);
+    ``id``, ``polls`` and ``harvested_at`` are placeholders the sink sets."""
+    cols = _Columns()
+    cols.id.append("")
+    cols.status.append(Kind.COMPLETED.value)
+    cols.polls.append(0)
+    cols.harvested_at.append(0)
+    cols.nbytes = ParquetSink._add_doc(cols, doc)
+    return cols.table()
 
 
 @dataclass
@@ -102,33 +150,45 @@ class _Bodies:
     nbytes: int = 0
 
     def table(self) -> pa.Table:
-        """The rows as one table; parsed ``SLICE_BYTES`` of lines at a time (a join copies
-        under the GIL), or, should Arrow's reader refuse a line orjson took, row by row."""
-        texts: list[pa.Table] = []
-        start = 0
-        while start < len(self.lines):
+        """The rows as one table (``pieces`` joined)."""
+        return pa.concat_tables(list(self.pieces()))
+
+    def pieces(self) -> Iterator[pa.Table]:
+        """The rows as tables of about ``ROW_GROUP_BYTES`` of JSON (a row group each), each
+        group's bytes released once parsed; at least one table, maybe of no rows. Parsed
+        without the GIL; only the join of a group's lines (a memcpy) holds it."""
+        rows, start = len(self.lines), 0
+        while start < rows or not start:
             end, size = start, 0
-            while end < len(self.lines) and (size < SLICE_BYTES or end == start):
+            while end < rows and (size < ROW_GROUP_BYTES or end == start):
                 size += len(self.lines[end]) + 1
                 end += 1
-            texts.append(self._parse(self.lines[start:end]))
+            yield self._group(start, end)
+            self.lines[start:end] = itertools.repeat(b"", end - start)  # let the bytes go
             start = end
-        parsed = pa.concat_tables(texts) if texts else _BODY_SCHEMA.empty_table()
+            if not rows:
+                return
+
+    def _group(self, start: int, end: int) -> pa.Table:
+        parsed = self._parse(self.lines[start:end])
         columns: dict[str, Any] = {name: parsed.column(name) for name in API_FIELDS}
         # null and absent fanouts are stored as [] (as validate_completion returns them).
-        columns["fanouts"] = columns["fanouts"].fill_null(_NO_FANOUTS)
-        rows = len(self.id)
+        columns["fanouts"] = columns["fanouts"].fill_null(pa.scalar([], type=_FANOUTS_TYPE))
         columns.update(
-            id=pa.array(self.id, type=pa.string()),
-            status=pa.array([Kind.COMPLETED.value] * rows, type=pa.string()),
-            polls=pa.array(self.polls, type=pa.int32()),
-            harvested_at=pa.array(self.harvested_at, type=FILE_SCHEMA.field("harvested_at").type),
-            extra=pa.array(self.extra, type=pa.string()),
+            id=pa.array(self.id[start:end], type=pa.string()),
+            status=pa.array([Kind.COMPLETED.value] * (end - start), type=pa.string()),
+            polls=pa.array(self.polls[start:end], type=pa.int32()),
+            harvested_at=pa.array(
+                self.harvested_at[start:end], type=FILE_SCHEMA.field("harvested_at").type
+            ),
+            extra=pa.array(self.extra[start:end], type=pa.string()),
         )
         return pa.Table.from_arrays([columns[f.name] for f in FILE_SCHEMA], schema=FILE_SCHEMA)
 
     @staticmethod
     def _parse(lines: list[bytes]) -> pa.Table:
+        if not lines:
+            return _BODY_SCHEMA.empty_table()
         data = b"\n".join(lines)
         longest = max(map(len, lines))
         options = pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, longest + 2))
@@ -188,7 +248,7 @@ class ParquetSink:
         self,
         conversation_id: str,
         kind: Kind,
-        doc: Completion | None,
+        doc: Completion | Prepared | None,
         polls: int,
         body: bytes | None = None,
     ) -> None:
@@ -200,6 +260,9 @@ class ParquetSink:
         now = self._clock()
         model = doc["model"] if doc is not None else None
         key = (self._date(now), model)
+        if isinstance(doc, Prepared):  # a big row already in Arrow (bigbody.py)
+            self._add_prepared(self._columns(key), conversation_id, polls, now, doc)
+            return
         if body is not None and doc is not None:
             rows = self._bodies.get(key)
             if rows is None:
@@ -229,6 +292,16 @@ class ParquetSink:
                 cols.nbytes += size
                 self._bytes += size
         self._bytes += 200
+        self._rows += 1
+        if self.full():
+            self._full.set()
+
+    def _add_prepared(
+        self, cols: _Columns, conversation_id: str, polls: int, now: float, row: Prepared
+    ) -> None:
+        cols.prepared.append((conversation_id, polls, int(now * 1_000_000), row))
+        cols.nbytes += row.nbytes
+        self._bytes += row.nbytes + 200
         self._rows += 1
         if self.full():
             self._full.set()
@@ -301,13 +374,14 @@ class ParquetSink:
         seq: int,
     ) -> None:
         for offset, key in enumerate(keys):
-            tables = [rows.table() for rows in (parts.get(key), bodies.get(key)) if rows]
-            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-            self._write_one(partition_rel(*key), table, seq + offset)
+            pieces = itertools.chain.from_iterable(
+                rows.pieces() for rows in (parts.get(key), bodies.get(key)) if rows
+            )
+            self._write_one(partition_rel(*key), pieces, seq + offset)
 
-    def _write_one(self, directory: str, table: pa.Table, seq: int) -> None:
+    def _write_one(self, directory: str, tables: Iterator[pa.Table], seq: int) -> None:
         name = f"{directory}/part-{self.run_id}-{seq:06d}.parquet"
-        rows = self.store.commit(name, table)
+        rows = self.store.commit(name, tables)
         # Counted here, in the writer thread, so a cancelled flush still counts its files.
         self.rows_written += rows
         self.files_written += 1

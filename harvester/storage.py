@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import itertools
 import os
 import re
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -119,8 +120,9 @@ class Store(ABC):
         return any(_OLD_LAYOUT.match(self.relative(p)) for p, _ in self.list_files())
 
     @abstractmethod
-    def commit(self, rel: str, table: pa.Table) -> int:
-        """Write ``table`` as the Parquet file ``rel``, visible only once complete; its rows."""
+    def commit(self, rel: str, table: Tables) -> int:
+        """Write ``table`` (or tables, a row group each) as the Parquet file ``rel``, visible
+        only once complete; its rows."""
 
     @abstractmethod
     def put_bytes(self, rel: str, data: bytes) -> None:
@@ -172,16 +174,32 @@ PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 
-def write_parquet(table: pa.Table, where: Any) -> None:
-    """``table`` as one Parquet file of one row group, encoded as every data file is."""
-    pq.write_table(table, where, row_group_size=max(1, table.num_rows), **PARQUET_OPTIONS)
+# One table, or tables of one schema (at least one) written a row group each, as they come:
+# the sink hands its flush over this way, so only one row group is in Arrow at a time.
+Tables: TypeAlias = pa.Table | Iterable[pa.Table]
 
 
-def encode_parquet(table: pa.Table) -> pa.Buffer:
-    """The bytes of ``table`` as one Parquet file (``write_parquet``)."""
+def write_parquet(table: Tables, where: Any) -> int:
+    """``table`` as one Parquet file (one row group a table), encoded as every data file
+    is; the rows written."""
+    if isinstance(table, pa.Table):
+        pq.write_table(table, where, row_group_size=max(1, table.num_rows), **PARQUET_OPTIONS)
+        return int(table.num_rows)
+    pieces: Iterator[pa.Table] = iter(table)
+    first = next(pieces)
+    rows = 0
+    with pq.ParquetWriter(where, first.schema, **PARQUET_OPTIONS) as writer:
+        for piece in itertools.chain([first], pieces):
+            writer.write_table(piece, row_group_size=max(1, piece.num_rows))
+            rows += piece.num_rows
+    return rows
+
+
+def encode_parquet(table: Tables) -> tuple[pa.Buffer, int]:
+    """The bytes of ``table`` as one Parquet file (``write_parquet``), and its rows."""
     sink = pa.BufferOutputStream()
-    write_parquet(table, sink)
-    return sink.getvalue()
+    rows = write_parquet(table, sink)
+    return sink.getvalue(), rows
 
 
 class LocalStore(Store):
@@ -216,7 +234,7 @@ class LocalStore(Store):
             self.root.is_dir() and next(self.root.glob("harvest_date=*/model=*"), None) is not None
         )
 
-    def commit(self, rel: str, table: pa.Table) -> int:
+    def commit(self, rel: str, table: Tables) -> int:
         """Hidden temporary, fsync, rename (and fsync the folders a new partition made)."""
         final = self.root / rel
         directory = final.parent
@@ -228,7 +246,7 @@ class LocalStore(Store):
                 fsync_dir(directory.parent)
                 fsync_dir(directory.parent.parent)
             with tmp.open("wb") as handle:
-                write_parquet(table, handle)
+                rows = write_parquet(table, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
@@ -236,7 +254,7 @@ class LocalStore(Store):
         except (OSError, pa.ArrowException) as exc:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {final}: {exc}") from exc
-        return int(table.num_rows)
+        return rows
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         final = self.root / rel
@@ -294,10 +312,11 @@ class ObjectStore(Store):
             raise OutputError(f"{self.url}: cannot list it ({exc})") from exc
         return [(i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File]
 
-    def commit(self, rel: str, table: pa.Table) -> int:
+    def commit(self, rel: str, table: Tables) -> int:
         self.check_fence()
-        self.put_bytes(rel, encode_parquet(table).to_pybytes())
-        return int(table.num_rows)
+        data, rows = encode_parquet(table)
+        self.put_bytes(rel, data.to_pybytes())
+        return rows
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         # Encoded in memory first and written in one call: an exception never closes (and so

@@ -69,13 +69,14 @@ def test_no_import_cycle_inside_the_package() -> None:
 
 def test_harvester_run_loads_no_simulator_code() -> None:
     """The command line for `run`, the runner and everything they import: no harvester.sim,
-    no bench (nor hdrh), no aiohttp at all (the default transport is http1.py)."""
+    no bench (nor hdrh), no aiohttp at all (the default transport is http1.py), no pandas."""
     probe = (
         "import sys\n"
         "from harvester.cli import build_parser\n"
         "import harvester.runner, harvester.workers\n"
         "build_parser('run').parse_args(['run', '--ids', 'i', '--out', 'o'])\n"
-        "banned = ('harvester.sim', 'harvester.bench', 'hdrh', 'aiohttp', 'harvester.session')\n"
+        "banned = ('harvester.sim', 'harvester.bench', 'hdrh', 'aiohttp', 'harvester.session',"
+        " 'pandas')\n"
         "print([m for m in sys.modules if m.startswith(banned)])\n"
     )
     done = subprocess.run(
