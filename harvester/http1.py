@@ -102,11 +102,6 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:
             self.close()  # nothing was asked: a server talking out of turn is not reused
             return
-        if not self._headers_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEADER_BYTES:
-                self._fail(BadResponseError("too_large", "headers over 64 KiB"))
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -116,6 +111,13 @@ class _Connection(asyncio.Protocol):
             self._fail(BadResponseError("bad_answer", "the server switched protocols"))
         except httptools.HttpParserError:
             self._fail(BadResponseError("bad_answer", "not an HTTP answer"))
+            return
+        if not self._headers_done and self._waiter is not None:
+            # Still in the headers after all of this read (a read that completes them may
+            # carry any size of body): count what they have taken so far.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._fail(BadResponseError("too_large", "headers over 64 KiB"))
 
     # -- httptools callbacks --------------------------------------------------------------
 

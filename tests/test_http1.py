@@ -538,3 +538,22 @@ async def test_a_tls_handshake_failure_is_retried_not_fatal() -> None:
         await server.wait_closed()
     assert info.value.label == "connect_error"
     assert "TLS handshake failed" in str(info.value)
+
+
+async def test_a_large_answer_in_one_read_is_not_taken_for_large_headers() -> None:
+    """Headers and a body far past the header cap, arriving together, read fine: only bytes
+    still in the headers count against the cap."""
+    body = b'{"status": "retrieving", "pad": "' + b"z" * (600 * 1024) + b'"}'
+    async with raw(reply(body)) as server:
+        http = Http1Transport(
+            server.endpoint,
+            token="tok",
+            max_body_bytes=1024 * 1024,
+            connect_timeout=2.0,
+            request_timeout=5.0,
+        )
+        try:
+            for _ in range(3):
+                assert (await http.fetch(ID)).body == body
+        finally:
+            await http.close()
