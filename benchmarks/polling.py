@@ -64,10 +64,11 @@ def harvest(ids: Path, out: Path, url: str, args: list[str], src: Path | None) -
     """``harvester run --json`` in a child process (with the code in ``src``, if given)."""
     env = {**os.environ, "MASSIVE_API_TOKEN": TOKEN}
     if src is not None:
-        env["PYTHONPATH"] = str(src)
+        env["PYTHONPATH"] = str(src)  # and run there: ``python -m`` puts the cwd first
     done = subprocess.run(
         harvest_command(ids, out, url, *args),
         env=env,
+        cwd=src,
         capture_output=True,
         text=True,
         timeout=1800,
