@@ -11,7 +11,7 @@ as those found ready, and the first fast ids of a run do not pass for the whole 
 From the hazards, ``PollSchedule`` places the polls where they pay (a small dynamic program
 over the bins): each poll costs one request for every id still retrieving at that age, each
 second between an id's ready time and the poll that finds it costs ``1 / (LAG_PER_POLL *
-poll_interval)``, or 16x less while fresh ids wait for a first poll (``LAG_PER_POLL_BUSY``: the
+poll_interval)``, or 32x less while fresh ids wait for a first poll (``LAG_PER_POLL_BUSY``: the
 rate is then the limit, and each re-poll puts off a first one). So a spell in which many ids
 become ready gets a poll at its end, and a stretch in which few do gets polls up to
 ``max_poll_interval`` apart; polls are never closer than ``poll_interval``. Only the ages that
@@ -40,11 +40,13 @@ __all__ = ["LAG_PER_POLL", "PollSchedule", "ReadyTimes"]
 
 BINS_PER_INTERVAL: Final = 8  # histogram resolution: poll_interval / 8
 MAX_BINS: Final = 4096  # ages past the last bin count in it (and are never planned)
-# One poll is worth this many poll_intervals of detection lag: half of one, the lag a fixed
-# poll_interval spacing costs on average, so a poll is skipped only where it saves less.
-LAG_PER_POLL: Final = 0.5
+# One poll is worth this many poll_intervals of detection lag (1 s at the default 4 s): a
+# quarter of one, half the lag a fixed poll_interval spacing costs on average, so a spell in
+# which a quarter of the ids become ready gets its poll with a wide margin (at 0.5 such a
+# decision is close, and a run's noisy estimate can skip it).
+LAG_PER_POLL: Final = 0.25
 # While fresh ids wait for their first poll (the rate, not the ids, is the limit), every
-# re-poll delays a first poll: then one is worth 8 poll_intervals of lag.
+# re-poll delays a first poll: then one is worth 8 poll_intervals of lag (32x more).
 LAG_PER_POLL_BUSY: Final = 8.0
 MIN_AT_RISK: Final = 20.0  # ids seen not ready at an age before that age is planned
 WARMUP: Final = 32  # ids found ready before the first plan
