@@ -206,14 +206,17 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=DEFAULTS["poll_interval"],
         metavar="SECONDS",
-        help="seconds before re-polling a retrieving id; grows 1.5x a poll [%(default)s]",
+        help="the shortest wait between two polls of one id, in seconds; where the run has "
+        "not yet learned when ids become ready, the first re-poll, growing 1.5x a poll "
+        "[%(default)s]",
     )
     p.add_argument(
         "--max-poll-interval",
         type=_positive_float,
         default=DEFAULTS["max_poll_interval"],
         metavar="SECONDS",
-        help="the longest wait between two polls of one id, in seconds [%(default)s]",
+        help="the longest wait between two polls of one id, in seconds; equal to "
+        "--poll-interval: a fixed interval, nothing learned [%(default)s]",
     )
     p.add_argument(
         "--max-retries",

@@ -3,12 +3,16 @@
 Ids wait in one of two places: the ready queue (due now) or a loop timer (due later: next
 poll of a ``retrieving`` id, or a backoff after a transient error). Only the C workers make
 requests, so the concurrency cap is the number of workers, and an id that is waiting holds
-no slot. The feeder keeps at most ``max_in_play`` ids between input and outcome.
+no slot. The feeder keeps at most ``max_in_play`` ids between input and outcome. The ready
+queue serves ids that are due again before fresh ones (each kind in the order it became due),
+so a re-poll never waits behind thousands of first polls; when to re-poll is ``PollSchedule``'s
+(``polling.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 from collections.abc import AsyncIterator
@@ -22,12 +26,15 @@ from .intake import sort_out
 from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED, RunStats
 from .model import Completion, Kind
 from .pacer import Pacer
+from .polling import PollSchedule
 from .settings import RunSettings
 from .shard import WHOLE, Shard
 from .sink import ParquetSink
 from .throttle import DEFAULT_RETRY_AFTER, Answer
 
 _ANSWER_OF = {429: Answer.THROTTLED_429, 503: Answer.THROTTLED_503}
+# Ready-queue priorities: stop sentinels, then ids due again, then ids never polled.
+_STOP, _DUE, _FRESH = -1, 0, 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +64,19 @@ class Policy:
             unreachable_after=settings.unreachable_after,
         )
 
+    def schedule(self, *, learn: bool = True) -> PollSchedule:
+        """The run's re-poll schedule: learned from its ready times, this rule until then."""
+        return PollSchedule(
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            max_wait=self.max_wait,
+            fallback=self.next_poll,
+            learn=learn,
+        )
+
     def next_poll(self, polls: int) -> float:
-        """Seconds until the next poll of an id still retrieving, growing 1.5x a poll."""
+        """Seconds until the next poll of an id still retrieving, growing 1.5x a poll (the
+        schedule before the run has learned, and past the ages it has seen)."""
         base = min(self.poll_interval * 1.5 ** max(polls - 1, 0), self.max_poll_interval)
         return base * random.uniform(0.9, 1.1)  # jitter keeps ids from polling in lockstep
 
@@ -70,16 +88,32 @@ class Policy:
 
 class _Entry:
     """One id in play; ``deadline`` is set by its first poll, ``last`` names its last
-    answer (``retrieving`` or an error label), which says why if the id is given up."""
+    answer (``retrieving`` or an error label), which says why if the id is given up.
+    Ages are seconds since the first poll was sent: ``sent`` the current poll's, ``waiting``
+    that of the latest poll answered ``retrieving`` (None before one is)."""
 
-    __slots__ = ("deadline", "failures", "id", "last", "polls")
+    __slots__ = (
+        "deadline",
+        "failures",
+        "first",
+        "id",
+        "last",
+        "polls",
+        "probe",
+        "sent",
+        "waiting",
+    )
 
-    def __init__(self, conversation_id: str) -> None:
+    def __init__(self, conversation_id: str, *, probe: bool = False) -> None:
         self.id = conversation_id
         self.polls = 0
         self.failures = 0
         self.deadline = 0.0
         self.last = "retrieving"
+        self.first = 0.0
+        self.sent = 0.0
+        self.waiting: float | None = None
+        self.probe = probe  # polled densely so that the schedule keeps learning
 
 
 class Scheduler:
@@ -96,16 +130,21 @@ class Scheduler:
         concurrency: int,
         max_in_play: int,
         shard: Shard = WHOLE,
+        schedule: PollSchedule | None = None,
     ) -> None:
         self._client = client
         self._pacer = pacer
         self._sink = sink
         self._stats = stats
         self._policy = policy
+        self.schedule = policy.schedule() if schedule is None else schedule
         self._concurrency = concurrency
         self._shard = shard
         self._slots = asyncio.Semaphore(max_in_play)  # one per id in play
-        self._ready: asyncio.Queue[_Entry | None] = asyncio.Queue()
+        # (priority, order, entry): due ids before fresh ones, each in the order they came.
+        self._ready: asyncio.PriorityQueue[tuple[int, int, _Entry | None]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self._fresh_waiting = 0  # ids in the ready queue never polled yet
         self._loop = asyncio.get_running_loop()
         self._in_play = 0
         self._feeding = True
@@ -157,7 +196,7 @@ class Scheduler:
             self._unreachable.cancel()
             self._unreachable = None
         for _ in range(self._concurrency):
-            self._ready.put_nowait(None)
+            self._ready.put_nowait((_STOP, next(self._order), None))
         # Workers not in a request (waiting for an id, or out a Retry-After pause that may
         # last minutes) stop now; those in a request finish it, within the grace period.
         for task in self._workers:
@@ -222,12 +261,20 @@ class Scheduler:
     def _admit(self, conversation_id: str) -> None:
         """Put an id in play (its room is already taken)."""
         self._in_play += 1
-        self._ready.put_nowait(_Entry(conversation_id))
+        entry = _Entry(conversation_id, probe=self.schedule.is_probe())
+        self._fresh_waiting += 1
+        self._ready.put_nowait((_FRESH, next(self._order), entry))
+
+    def _due(self, entry: _Entry) -> None:
+        """Queue an id due again (ahead of every fresh one)."""
+        self._ready.put_nowait((_DUE, next(self._order), entry))
 
     async def _work(self) -> None:
         me = asyncio.current_task()
         assert me is not None
-        while (entry := await self._ready.get()) is not None:
+        while (entry := (await self._ready.get())[2]) is not None:
+            if not entry.polls:
+                self._fresh_waiting -= 1
             if self._stopping:
                 return
             probe = await self._pacer.acquire()
@@ -246,6 +293,8 @@ class Scheduler:
         now = loop.time()
         if not entry.polls:
             entry.deadline = now + self._policy.max_wait
+            entry.first = now
+        entry.sent = now - entry.first
         entry.polls += 1
         stats.requests += 1
         stats.in_flight += 1
@@ -327,10 +376,19 @@ class Scheduler:
     async def _settle(
         self, entry: _Entry, kind: Kind, doc: Completion | None, line: bytes | None
     ) -> None:
+        schedule = self.schedule
         if kind is Kind.RETRIEVING:
             entry.last = "retrieving"
-            self._retry_later(entry, self._policy.next_poll(entry.polls))
+            schedule.not_ready(entry.sent if entry.waiting is None else entry.waiting, entry.sent)
+            entry.waiting = entry.sent
+            age = self._loop.time() - entry.first
+            # Fresh ids waiting beyond one round of the workers: the rate is the limit.
+            busy = self._fresh_waiting > self._concurrency
+            delay = schedule.next_poll(entry.polls, age, probe=entry.probe, busy=busy)
+            self._retry_later(entry, delay)
             return
+        if entry.waiting is not None and kind is not Kind.INVALID:  # ready between two polls
+            schedule.found_ready(entry.waiting, entry.sent)
         # Noted and released before any wait: a cancel during back-pressure cannot count the
         # id twice (as done here and as unresolved in play).
         self._record(entry.id, kind, doc, entry.polls, line)
@@ -345,9 +403,9 @@ class Scheduler:
             return
         due = min(now + delay, entry.deadline)
         if due <= now:
-            self._ready.put_nowait(entry)
+            self._due(entry)
         else:
-            self._loop.call_at(due, self._ready.put_nowait, entry)
+            self._loop.call_at(due, self._due, entry)
 
     def _give_up(self, entry: _Entry, reason: str) -> None:
         """No row: the id is counted unresolved (and why) and the next run polls it again."""

@@ -194,6 +194,20 @@ async def test_transient_errors_back_off_then_the_id_is_left_unresolved() -> Non
     assert (stats.unresolved, stats.retries) == (1, POLICY.max_retries)
 
 
+@virtual_time
+async def test_a_due_re_poll_goes_before_every_fresh_id() -> None:
+    """One worker at 10 requests a second and 100 fresh ids: the first id, retrieving, is
+    asked again when due (4 s later, plus a request's wait), not after the other 99 (~10 s)."""
+    first, *others = make_ids(100)
+    script: dict[str, list[Answer]] = {first: [Kind.RETRIEVING, Kind.COMPLETED]}
+    script.update({cid: [Kind.COMPLETED] for cid in others})
+    client, sink, _ = await run(script, concurrency=1, rate=10.0)
+    [asked, again] = client.polls[first]
+    assert again - asked == pytest.approx(4.0, abs=0.25)
+    assert max(times[0] for times in client.polls.values()) > 9.0  # the fresh ones took ~10 s
+    assert len(sink.rows) == 100
+
+
 def test_policy_spacing_and_backoff_bounds() -> None:
     """Re-poll spacing grows 1.5x to its cap; backoff stays within [ceiling/2, ceiling]."""
     rng_free = Policy(**{**vars_of(POLICY), "max_poll_interval": 10.0})

@@ -285,6 +285,42 @@ async def test_stats_count_statuses_and_reset_over_http() -> None:
     assert stats.as_dict() == SimulatorStats().as_dict()
 
 
+async def test_detection_counts_polls_and_unscaled_lag_of_each_completion() -> None:
+    """The first Completion served for an id records its lag after the ready time (unscaled:
+    1 s at time scale 0.5 is 2 s) and its polls so far; later polls of it, failed ids and
+    bad requests count for nothing; /_sim/reset forgets it all."""
+    clock = FakeClock(100.0)
+    fast, slow = completing("gemini"), completing("chatgpt")
+    dud = failing()
+    app = make_app(profile=QUIET, time_scale=0.5, clock=clock)
+    ready = {i: plan_for(i, seed=0, profile=QUIET).ready_delay_s * 0.5 for i in (fast, slow)}
+    async with running(app) as client:
+        for id_ in (fast, slow, dud):
+            assert (await get(client, id_))[0] == 202
+        await get(client, fast, {})  # 401: not a poll
+        clock.now = 100.0 + ready[fast] + 1.0
+        assert (await get(client, fast))[0] == 200
+        assert (await get(client, fast))[0] == 200  # served again: counted once
+        clock.now = 100.0 + ready[slow] + 0.25
+        assert [(await get(client, i))[0] for i in (slow, slow, dud)] == [200, 200, 202]
+        async with client.get("/_sim/stats") as response:
+            detection = (await response.json())["detection"]
+        assert detection == {
+            "completed": 2,
+            "polls_of_completed": 4,
+            "polls_per_completed": 2.0,
+            "lag_s_mean": pytest.approx(1.25),
+            "lag_s_p50": pytest.approx(2.0),
+            "lag_s_p90": pytest.approx(2.0),
+            "lag_s_p99": pytest.approx(2.0),
+        }
+        lags = sorted(app[STATS_KEY].detection._lags)
+        assert lags == [pytest.approx(0.5), pytest.approx(2.0)]
+        async with client.post("/_sim/reset") as response:
+            assert (await response.json())["detection"]["completed"] == 0
+    assert app[STATS_KEY].detection.as_dict()["polls_per_completed"] is None
+
+
 async def test_peak_in_flight_counts_concurrent_slow_requests() -> None:
     """Six concurrent requests held by 0.3 s of latency give peak_in_flight == 6."""
     slow = replace(INSTANT, latency_median_s=0.3, latency_sigma=0.0)

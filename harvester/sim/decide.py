@@ -81,6 +81,7 @@ class Answer:
     delay_s: float = 0.0  # seconds (already scaled) to hold the answer back: a stall
     truncated: bool = False  # a 200 JSON body cut short
     cause: str | None = None  # why it throttled: fault, capacity, saturated, first_poll
+    completes: bool = False  # the id's Completion, by its plan (JSON or its html)
 
 
 DROPPED: Final = Answer(status=0, send=Send.DROP)
@@ -249,8 +250,8 @@ def _by_plan(poll: Poll, setup: Setup) -> Answer:
         return Answer(status=202, body=_ARCHIVING)
     completion = completion_for(poll.plan, setup.seed, setup.profile)
     if poll.wants_html:
-        return Answer(body=str(completion["html"]).encode(), content_type=HTML)
-    return Answer(body=orjson.dumps(completion))
+        return Answer(body=str(completion["html"]).encode(), content_type=HTML, completes=True)
+    return Answer(body=orjson.dumps(completion), completes=True)
 
 
 # -- faults that replace the answer ----------------------------------------------------------

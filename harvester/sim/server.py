@@ -10,7 +10,9 @@ first seen, the fault RNG, the load) and sends their :class:`~harvester.sim.deci
 the saturation window and ``Retry-After``. ``Retry-After`` is whole seconds when
 ``time_scale == 1`` (as HTTP says), otherwise a decimal number of seconds such as ``"0.05"``.
 
-``GET /_sim/stats`` (JSON, no auth) shows what the server served; ``POST /_sim/reset`` zeroes it.
+``GET /_sim/stats`` (JSON, no auth) shows what the server served, ``detection`` included: how
+many polls each completed id took and how long after its ready time its Completion was first
+served (unscaled seconds); ``POST /_sim/reset`` zeroes it.
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ class _Server:
             or check_saturation(now - started, self.setup, wall_now=wall_now)
             or check_id(raw_id)
         )
+        id_ = raw_id.lower()
+        detection = self.stats.detection
+        if early is None or (early.cause == "saturated" and check_id(raw_id) is None):
+            detection.polled(id_)  # a request for the id, throttled or not
         if early is not None:
             return early
-        id_ = raw_id.lower()
         plan = plan_id(id_, self.seed, self.profile)
         ready_at = now
         # Tracked only where it matters: a ready delay, or an archiving spell to time.
@@ -149,7 +154,10 @@ class _Server:
         fault = None
         if needs_fault(poll, self.setup):
             fault = self.faults.draw((now - self.started) / self.time_scale)
-        return decide(poll, fault, self.setup)
+        answer = decide(poll, fault, self.setup)
+        if answer.completes and not answer.truncated and answer.send is not Send.CUT:
+            detection.completed(id_, (now - ready_at) / self.time_scale)
+        return answer
 
     async def _wait_latency(self) -> None:
         """Sleep the profile's lognormal latency, plus a slow spell for some requests."""

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Final
 
-__all__ = ["TIMELINE_KEYS", "SimulatorStats", "Timeline"]
+__all__ = ["TIMELINE_KEYS", "Detection", "SimulatorStats", "Timeline"]
 
 # The series of the per-second timeline: arrivals, answers by status, 2xx answers ("ok"),
 # every other answered status, and connections closed without an answer.
@@ -55,6 +55,62 @@ class Timeline:
         return {key: list(values) for key, values in self.series.items()}
 
 
+class Detection:
+    """How soon clients found each conversation ready, and how many polls it took them.
+
+    Every request for a valid id counts as a poll of that id (throttled and failed ones
+    included); the first time an id's Completion is served, its lag (served - ready, in
+    unscaled seconds) and its polls so far are recorded. Memory is per id: one dict entry per
+    id polled (about 150 bytes) and one float per id completed, which a simulator can afford.
+    """
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self._polls: dict[str, int] = {}  # ids not yet completed -> polls so far
+        self._done: set[str] = set()
+        self._lags: list[float] = []
+        self._polls_of_completed = 0
+
+    def clear(self) -> None:
+        """Forget every id."""
+        self._polls = {}
+        self._done = set()
+        self._lags = []
+        self._polls_of_completed = 0
+
+    def polled(self, id_: str) -> None:
+        """Count one request for ``id_`` (a canonical id)."""
+        if id_ not in self._done:
+            self._polls[id_] = self._polls.get(id_, 0) + 1
+
+    def completed(self, id_: str, lag_s: float) -> None:
+        """``id_``'s Completion is being served ``lag_s`` unscaled seconds after it was ready;
+        only the first time counts."""
+        if id_ in self._done:
+            return
+        self._done.add(id_)
+        self._polls_of_completed += self._polls.pop(id_, 1)
+        self._lags.append(max(0.0, lag_s))
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """``completed``, ``polls_per_completed``, ``lag_s_p50/p90/p99/mean``: JSON-ready."""
+        lags = sorted(self._lags)
+        n = len(lags)
+
+        def pct(q: float) -> float | None:
+            return None if not n else round(lags[min(n - 1, int(q * n))], 4)
+
+        return {
+            "completed": n,
+            "polls_of_completed": self._polls_of_completed,
+            "polls_per_completed": round(self._polls_of_completed / n, 4) if n else None,
+            "lag_s_mean": round(sum(lags) / n, 4) if n else None,
+            "lag_s_p50": pct(0.5),
+            "lag_s_p90": pct(0.9),
+            "lag_s_p99": pct(0.99),
+        }
+
+
 @dataclass
 class SimulatorStats:
     """What the server served; answered + dropped + in_flight == requests at any time."""
@@ -70,6 +126,7 @@ class SimulatorStats:
     throttled: dict[str, int] = field(default_factory=dict)
     _arrivals: deque[float] = field(default_factory=deque, init=False, repr=False, compare=False)
     _timeline: Timeline = field(default_factory=Timeline, init=False, repr=False, compare=False)
+    detection: Detection = field(default_factory=Detection, init=False, repr=False, compare=False)
 
     def arrive(self, now: float) -> None:
         """Count a request at its arrival time; amortised O(1) sliding-window maximum."""
@@ -112,18 +169,22 @@ class SimulatorStats:
         self.max_per_second = self.dropped = self.truncated = 0
         self._arrivals.clear()
         self._timeline.clear()
+        self.detection.clear()
 
     def as_dict(self) -> dict[str, object]:
         """Return the counters as a JSON-ready dict (status codes as string keys).
 
         ``per_second`` holds one list per series of ``TIMELINE_KEYS``, entry ``i`` counting
         second ``i`` since the first request (arrivals under "requests", answers by when they
-        were sent).
+        were sent). ``detection`` says how soon completions were collected (see Detection).
         """
         data: dict[str, object] = {
-            f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not f.name.startswith("_") and f.name != "detection"
         }
         data["by_status"] = {str(k): v for k, v in sorted(self.by_status.items())}
         data["throttled"] = dict(sorted(self.throttled.items()))
         data["per_second"] = self.per_second
+        data["detection"] = self.detection.as_dict()
         return data
