@@ -358,10 +358,7 @@ class Http1Transport:
         except TimeoutError as exc:
             raise TransportError("timeout", "connect timeout") from exc
         except ssl.SSLCertVerificationError as exc:
-            raise TlsError(
-                f"TLS verification failed for {self._host} ({exc.verify_message or exc}); fix "
-                "the server's certificate, or point SSL_CERT_FILE at the CA that signed it"
-            ) from exc
+            raise tls_error(self._host, exc.verify_message or exc) from exc
         except ssl.SSLError as exc:
             # Not the certificate: a handshake refused or garbled (a plain-http port, a busy
             # balancer). Retried like any failed connection; exit 5 if it never answers.
@@ -383,6 +380,14 @@ class Http1Transport:
             conn.close()
         self._all.clear()
         self._idle.clear()
+
+
+def tls_error(host: str, detail: object) -> TlsError:
+    """The fatal error of a certificate that fails verification, with what to do about it."""
+    return TlsError(
+        f"TLS verification failed for {host} ({detail}); fix the server's certificate, "
+        "or point SSL_CERT_FILE at the CA that signed it"
+    )
 
 
 _REFUSED_TEXT = f"[Errno {errno.ECONNREFUSED}]"

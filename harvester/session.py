@@ -12,8 +12,8 @@ from __future__ import annotations
 import aiohttp
 from yarl import URL
 
-from .errors import BadResponseError, TlsError, TransientError, TransportError
-from .http1 import Reply, os_cause
+from .errors import BadResponseError, TransientError, TransportError
+from .http1 import Reply, os_cause, tls_error
 
 
 def make_session(
@@ -70,10 +70,7 @@ class SessionTransport:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise TransportError("timeout", "request timed out") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise TlsError(
-                f"TLS verification failed for {self._prefix.split('/')[2]} ({exc}); fix the "
-                "server's certificate, or point SSL_CERT_FILE at the CA that signed it"
-            ) from exc
+            raise tls_error(self._prefix.split("/")[2], exc) from exc
         except aiohttp.ClientSSLError as exc:
             # Not the certificate: a handshake refused or garbled (a plain-http port, a busy
             # balancer). Retried like any failed connection; exit 5 if it never answers.

@@ -13,7 +13,7 @@ import gzip
 import socket
 import struct
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -63,11 +63,20 @@ async def raw(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    state.endpoint = f"http://127.0.0.1:{port}/ai/completions"
-    try:
+    async with listening(handle) as port:
+        state.endpoint = f"http://127.0.0.1:{port}/ai/completions"
         yield state
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def listening(handle: Handler) -> AsyncIterator[int]:
+    """A TCP server on loopback running ``handle`` for each connection; yields its port."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
         await server.wait_closed()
@@ -448,16 +457,13 @@ async def test_a_reset_mid_body_to_eof_is_not_a_whole_answer() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # RST, not FIN
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    http = transport(f"http://127.0.0.1:{port}/ai/completions")
-    try:
-        with pytest.raises(BadResponseError) as info:
-            await http.fetch(ID)
-    finally:
-        await http.close()
-        server.close()
-        await server.wait_closed()
+    async with listening(handle) as port:
+        http = transport(f"http://127.0.0.1:{port}/ai/completions")
+        try:
+            with pytest.raises(BadResponseError) as info:
+                await http.fetch(ID)
+        finally:
+            await http.close()
     assert info.value.label == "truncated_body"
 
 
@@ -526,16 +532,13 @@ async def test_a_tls_handshake_failure_is_retried_not_fatal() -> None:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(plain, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    http = transport(f"https://127.0.0.1:{port}/ai/completions")
-    try:
-        with pytest.raises(TransportError) as info:
-            await http.fetch(ID)
-    finally:
-        await http.close()
-        server.close()
-        await server.wait_closed()
+    async with listening(plain) as port:
+        http = transport(f"https://127.0.0.1:{port}/ai/completions")
+        try:
+            with pytest.raises(TransportError) as info:
+                await http.fetch(ID)
+        finally:
+            await http.close()
     assert info.value.label == "connect_error"
     assert "TLS handshake failed" in str(info.value)
 

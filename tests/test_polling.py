@@ -29,16 +29,7 @@ from harvester.sink import ParquetSink
 
 from .clocks import virtual_time
 from .conftest import completion, make_ids
-from .test_scheduler import ListSink
-
-POLICY = Policy(
-    poll_interval=4.0,
-    max_poll_interval=30.0,
-    max_wait=600.0,
-    max_retries=3,
-    backoff_base=0.5,
-    backoff_max=30.0,
-)
+from .test_scheduler import POLICY, LinelessAnswers, ListSink
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +190,7 @@ def test_a_fixed_interval_learns_nothing() -> None:
 # -- the scheduler learning on virtual time ---------------------------------------------------
 
 
-class ReadyLater:
+class ReadyLater(LinelessAnswers):
     """Each id answers ``retrieving`` until its delay after its first poll, then completes."""
 
     endpoint = "http://127.0.0.1:1/ai/completions"
@@ -219,13 +210,6 @@ class ReadyLater:
             return Kind.RETRIEVING, None
         self.lags[conversation_id] = now - ready_at
         return Kind.COMPLETED, completion()
-
-    async def poll_answer(
-        self, conversation_id: str
-    ) -> tuple[Kind, Completion | None, bytes | None]:
-        """``poll``, with no JSON line: the sink stores such a row from its strings."""
-        kind, doc = await self.poll(conversation_id)
-        return kind, doc, None
 
 
 async def harvest(delays: dict[str, float], policy: Policy) -> tuple[ReadyLater, Scheduler]:

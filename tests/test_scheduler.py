@@ -47,7 +47,21 @@ POLICY = Policy(
 Answer = Kind | TransientError
 
 
-class ScriptedClient:
+class LinelessAnswers:
+    """``poll_answer`` from a fake client's ``poll``, with no JSON line: the sink stores such
+    a row from its strings."""
+
+    async def poll(self, conversation_id: str) -> tuple[Kind, Completion | None]:
+        raise NotImplementedError
+
+    async def poll_answer(
+        self, conversation_id: str
+    ) -> tuple[Kind, Completion | None, bytes | None]:
+        kind, doc = await self.poll(conversation_id)
+        return kind, doc, None
+
+
+class ScriptedClient(LinelessAnswers):
     """Answers each id's polls in turn from its script; records when each poll came."""
 
     endpoint = "http://127.0.0.1:1/ai/completions"  # named in the unreachable line
@@ -71,13 +85,6 @@ class ScriptedClient:
         if isinstance(answer, TransientError):
             raise answer
         return answer, completion() if answer is Kind.COMPLETED else None
-
-    async def poll_answer(
-        self, conversation_id: str
-    ) -> tuple[Kind, Completion | None, bytes | None]:
-        """``poll``, with no JSON line: the sink stores such a row from its strings."""
-        kind, doc = await self.poll(conversation_id)
-        return kind, doc, None
 
 
 class ListSink:
