@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .bigbody import BigBodies
 from .client import CompletionsClient
+from .collector import quiet_collector
 from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
 from .errors import ExitCode, InputError, UsageError, end_code
@@ -223,7 +224,7 @@ class Run:
         )
         lag = asyncio.create_task(LoopLagMonitor(self.stats.loop_lag).watch())
         try:
-            with progress:
+            with progress, quiet_collector():
                 await self._run_scheduler(scheduler, batches, done)
             await sink.flush()
         finally:

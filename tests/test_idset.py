@@ -187,3 +187,21 @@ def test_done_set_meet_tells_first_sightings_from_repeats() -> None:
     assert fresh_total == len(set(done_keys))
     assert done_total == len(stream) - len(others)
     assert done.nbytes == 25 * len(done)
+
+
+def test_joined_copies_both_runs_in_order_whatever_their_layout() -> None:
+    """The word-wise copy behind every merge keeps each key's 16 bytes exactly, for empty,
+    one-key and strided (non-contiguous) inputs alike."""
+    from harvester.idset import KEY_DTYPE, _joined
+
+    keys = np.array([bytes([i]) * 16 for i in range(1, 9)], dtype=KEY_DTYPE)
+    empty = np.empty(0, dtype=KEY_DTYPE)
+    for first, second in (
+        (keys, empty),
+        (empty, keys),
+        (keys[:1], keys[1:]),
+        (keys[::2], keys[1::3]),
+    ):
+        joined = _joined(first, second)
+        assert joined.dtype == KEY_DTYPE
+        assert joined.tolist() == first.tolist() + second.tolist()
