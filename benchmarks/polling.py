@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harvester.polling import DOCUMENTED_READY
+
 from ._common import (
     RESULTS,
     SCRATCH,
@@ -104,6 +106,8 @@ def one_run(
         f"--max-wait={MAX_WAIT * scale:g}",
         "--quiet",
     ]
+    if schedule != BEFORE:  # the default's ready ranges on the simulator's clock too
+        args.append(f"--expected-ready={DOCUMENTED_READY.scaled(scale)}")
     started = time.perf_counter()
     summary = harvest(ids, out, url, args, before if schedule == BEFORE else None)
     elapsed = time.perf_counter() - started

@@ -24,6 +24,7 @@ from .config import CONFIG_ENV, ENV_PREFIX, Resolved, resolve, setting_actions, 
 from .errors import ExitCode, HarvesterError, UsageError
 from .inspect import SMALL_FILE_BYTES
 from .open_files import raise_open_files_to_hard
+from .polling import ExpectedReady
 from .progress import LOG_FORMATS, LOG_LEVELS, LogSettings, hide_in_logs, setup_logging
 from .report import RunResult, print_summary
 from .runner import harvest
@@ -217,6 +218,16 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the longest wait between two polls of one id, in seconds; equal to "
         "--poll-interval: a fixed interval, nothing learned [%(default)s]",
+    )
+    p.add_argument(
+        "--expected-ready",
+        type=ExpectedReady.parse,
+        default=DEFAULTS["expected_ready"],
+        metavar="RANGES",
+        help="seconds after its first poll in which an id is expected to be ready, as "
+        "ranges such as 7-8,14-15: the re-polls are first placed just after them, then where "
+        "the run finds ids ready; none: 4 s growing 1.5x until it has learned; the default "
+        "is the provider's public timings by model [%(default)s]",
     )
     p.add_argument(
         "--max-retries",
@@ -667,6 +678,7 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
         max_wait=args.max_wait,
         poll_interval=args.poll_interval,
         max_poll_interval=args.max_poll_interval,
+        expected_ready=args.expected_ready,
         max_retries=args.max_retries,
         id_column=args.id_column,
         flush_interval=args.flush_interval,

@@ -20,6 +20,12 @@ enough ids have been seen at (``MIN_AT_RISK``) are planned; before the run has l
 (``poll_interval`` growing 1.5x a poll up to ``max_poll_interval``).
 The histogram decays a little at every re-plan, so a distribution that drifts is followed.
 
+A run does not start from nothing: ``ExpectedReady`` (``--expected-ready``) seeds the table with
+``PRIOR_IDS`` ids spread over the ready ranges the provider's public measurements give (one a
+model; ``DOCUMENTED_READY``), so ids that all start together (a batch queued, then harvested)
+are polled just after each range from their second poll on. Ids the run sees soon outweigh
+them; ``none`` starts from the rule alone.
+
 The plan alone would learn nothing new: once it polls at 10 s, an id found ready then says only
 "between 0 and 10 s". So a share of ids (``PROBE_SHARE``) are probes, polled every
 ``poll_interval`` to twice that, at random phases; their narrow, shifted intervals (and the ids
@@ -30,13 +36,24 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["LAG_PER_POLL", "PollSchedule", "ReadyTimes"]
+from .errors import UsageError
+
+__all__ = [
+    "DOCUMENTED_READY",
+    "LAG_PER_POLL",
+    "NO_EXPECTATION",
+    "ExpectedReady",
+    "PollSchedule",
+    "ReadyTimes",
+]
 
 BINS_PER_INTERVAL: Final = 8  # histogram resolution: poll_interval / 8
 MAX_BINS: Final = 4096  # ages past the last bin count in it (and are never planned)
@@ -58,7 +75,79 @@ SPAN_INTERVALS: Final = 2.0  # intervals up to 2x max_poll_interval wide are kep
 _JITTER: Final = 0.02  # planned polls land up to 2% later, never earlier
 PROBE_SHARE: Final = 0.1  # ids polled densely, at random phases, to keep learning
 
+PRIOR_IDS: Final = 64  # the expected ready ranges weigh as much as this many ids found ready
+# ... plus this many seen not ready through a quarter past the last range (answers come later
+# too): without them the plan would end inside the last range, where the expected ids thin out
+# below MIN_AT_RISK, and its end fall back to the rule. Twice MIN_AT_RISK lasts ~20 re-plans.
+PRIOR_TAIL_IDS: Final = 2 * MIN_AT_RISK
+PRIOR_TAIL_PAST: Final = 1.25
+MAX_RANGES: Final = 32
+
 Floats = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedReady:
+    """Age ranges (seconds from an id's first poll) in which answers are expected to become
+    ready, weighed alike; the schedule's starting point, learned over during the run."""
+
+    ranges: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.ranges) > MAX_RANGES:
+            raise UsageError(f"--expected-ready takes at most {MAX_RANGES} ranges")
+        for lo, hi in self.ranges:
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+                raise UsageError(
+                    f"--expected-ready: {lo:g}-{hi:g} is not a range of seconds "
+                    "(LO-HI with 0 <= LO <= HI)"
+                )
+
+    @classmethod
+    def parse(cls, text: str) -> ExpectedReady:
+        """``"7-8,14-15"`` (seconds, a single number for a point) or ``none``."""
+        text = text.strip()
+        if text.lower() == "none":
+            return cls()
+        ranges = []
+        for part in text.split(","):
+            match = _RANGE.fullmatch(part.strip())
+            if match is None:
+                raise UsageError(
+                    f"--expected-ready takes ranges of seconds such as 7-8,14-15 or none "
+                    f"(got {part.strip()!r})"
+                )
+            lo = float(match[1])
+            ranges.append((lo, float(match[2]) if match[2] is not None else lo))
+        return cls(tuple(ranges))
+
+    def __str__(self) -> str:
+        if not self.ranges:
+            return "none"
+        return ",".join(f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}" for lo, hi in self.ranges)
+
+    def scaled(self, factor: float) -> ExpectedReady:
+        """Every age times ``factor`` (the simulator's compressed clock, say)."""
+        return ExpectedReady(tuple((lo * factor, hi * factor) for lo, hi in self.ranges))
+
+    def ages(self, count: int) -> Floats:
+        """``count`` ages spread evenly over the ranges, the same number in each."""
+        if not self.ranges:
+            return np.zeros(0)
+        each = max(1, math.ceil(count / len(self.ranges)))
+        steps = (np.arange(each) + 0.5) / each
+        return np.concatenate([lo + (hi - lo) * steps for lo, hi in self.ranges])
+
+
+NO_EXPECTATION: Final = ExpectedReady()  # start from the rule alone
+
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_RANGE = re.compile(_NUMBER + r"(?:\s*-\s*" + _NUMBER + r")?")
+
+# The provider's public measurements (../shared/API-NOTES.md, "Timing"): gemini 7-8 s, chatgpt
+# 14-15 s, perplexity 18-51 s, copilot about 35 s (its tail up to 152 s is left to learning).
+# No shares are published, so each model weighs alike.
+DOCUMENTED_READY: Final = ExpectedReady(((7.0, 8.0), (14.0, 15.0), (18.0, 51.0), (30.0, 40.0)))
 
 
 class ReadyTimes:
@@ -160,9 +249,11 @@ class PollSchedule:
         max_wait: float,
         fallback: Callable[[int], float],
         learn: bool = True,
+        expected: ExpectedReady = NO_EXPECTATION,
     ) -> None:
         """``fallback(polls)`` is the spacing before the run has learned and past what it has
-        seen; ``learn=False`` (or ``poll_interval == max_poll_interval``) keeps to it."""
+        seen; ``learn=False`` (or ``poll_interval == max_poll_interval``) keeps to it;
+        ``expected``: the ready ranges the first plan is made from (none: the rule first)."""
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
         self._fallback = fallback
@@ -176,6 +267,21 @@ class PollSchedule:
         self._thrifty: npt.NDArray[np.int64] | None = None  # the same while busy
         self.horizon = 0.0  # ages below this are planned
         self.plans = 0
+        if self.learning and expected.ranges:
+            self._seed(expected.ages(PRIOR_IDS))
+
+    def _seed(self, ages: Floats) -> None:
+        """Count an id found ready at each of ``ages`` (within one bin), and the tail's ids
+        still not ready past the last, then plan from them."""
+        times = self.ready_times
+        for age in ages:
+            after = max(0.0, float(age) - times.width)
+            times.not_ready(0.0, after)
+            times.ready(after, after + times.width)
+        tail = PRIOR_TAIL_PAST * float(ages.max())
+        for _ in range(int(PRIOR_TAIL_IDS)):
+            times.not_ready(0.0, tail)
+        self.replan()
 
     def not_ready(self, since: float, age: float) -> None:
         """An id was not ready at ``since`` and is still not at ``age`` (both ages, seconds)."""

@@ -26,7 +26,7 @@ from .intake import sort_out
 from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED, RunStats
 from .model import Completion, Kind
 from .pacer import Pacer
-from .polling import PollSchedule
+from .polling import NO_EXPECTATION, ExpectedReady, PollSchedule
 from .settings import RunSettings
 from .shard import WHOLE, Shard
 from .sink import ParquetSink
@@ -50,6 +50,8 @@ class Policy:
     # Seconds after the first failed request at which, if nothing has answered yet, the run
     # stops (UnreachableError); inf: never.
     unreachable_after: float = math.inf
+    # Where the first plan of re-polls comes from (``--expected-ready``); none: the rule.
+    expected_ready: ExpectedReady = NO_EXPECTATION
 
     @classmethod
     def of(cls, settings: RunSettings) -> Policy:
@@ -62,6 +64,7 @@ class Policy:
             backoff_base=settings.backoff_base,
             backoff_max=settings.backoff_max,
             unreachable_after=settings.unreachable_after,
+            expected_ready=settings.expected_ready,
         )
 
     def schedule(self, *, learn: bool = True) -> PollSchedule:
@@ -72,6 +75,7 @@ class Policy:
             max_wait=self.max_wait,
             fallback=self.next_poll,
             learn=learn,
+            expected=self.expected_ready,
         )
 
     def next_poll(self, polls: int) -> float:
@@ -382,8 +386,11 @@ class Scheduler:
             schedule.not_ready(entry.sent if entry.waiting is None else entry.waiting, entry.sent)
             entry.waiting = entry.sent
             age = self._loop.time() - entry.first
-            # Fresh ids waiting beyond one round of the workers: the rate is the limit.
-            busy = self._fresh_waiting > self._concurrency
+            # The rate is the limit when the fresh ids waiting take longer than a poll
+            # interval to send (and more than a round of the workers): a re-poll due before
+            # then would put off a first poll. A cohort the rate sends in a second is not.
+            backlog = max(self._concurrency, self._pacer.rate * self._policy.poll_interval)
+            busy = self._fresh_waiting > backlog
             delay = schedule.next_poll(entry.polls, age, probe=entry.probe, busy=busy)
             self._retry_later(entry, delay)
             return

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import UsageError
+from .polling import DOCUMENTED_READY, ExpectedReady
 from .shard import WHOLE, Shard
 from .storage import parse_location
 
@@ -53,6 +54,8 @@ class RunSettings:
     max_wait: float = 600.0
     poll_interval: float = 4.0
     max_poll_interval: float = 30.0
+    # Ready-time ranges the first re-poll plan is made from, learned over (polling.py).
+    expected_ready: ExpectedReady = DOCUMENTED_READY
     max_retries: int = 10
     backoff_base: float = 0.5
     backoff_max: float = 30.0

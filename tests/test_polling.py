@@ -18,12 +18,20 @@ import numpy as np
 import pytest
 
 from harvester.client import CompletionsClient
+from harvester.errors import UsageError
 from harvester.ids import Batch, classify
 from harvester.idset import DoneSet, IdSet
 from harvester.metrics import RunStats
 from harvester.model import Completion, Kind
 from harvester.pacer import Pacer
-from harvester.polling import PollSchedule, ReadyTimes, plan_polls
+from harvester.polling import (
+    DOCUMENTED_READY,
+    NO_EXPECTATION,
+    ExpectedReady,
+    PollSchedule,
+    ReadyTimes,
+    plan_polls,
+)
 from harvester.scheduler import Policy, Scheduler
 from harvester.sink import ParquetSink
 
@@ -212,16 +220,18 @@ class ReadyLater(LinelessAnswers):
         return Kind.COMPLETED, completion()
 
 
-async def harvest(delays: dict[str, float], policy: Policy) -> tuple[ReadyLater, Scheduler]:
+async def harvest(
+    delays: dict[str, float], policy: Policy, *, in_play: int = 40, rate: float = 1000.0
+) -> tuple[ReadyLater, Scheduler]:
     client = ReadyLater(delays)
     scheduler = Scheduler(
         client=cast(CompletionsClient, client),
-        pacer=Pacer(1000.0),
+        pacer=Pacer(rate),
         sink=cast(ParquetSink, ListSink()),
         stats=RunStats(),
         policy=policy,
         concurrency=8,
-        max_in_play=40,  # ids enter as others finish: later ones meet a learned schedule
+        max_in_play=in_play,  # 40: ids enter as others finish, later ones meet a learned plan
     )
 
     async def batches() -> AsyncIterator[Batch]:
@@ -257,3 +267,90 @@ async def test_later_ids_are_found_sooner_with_fewer_polls_than_every_4s(
     assert sum(len(fixed.polls[c]) for c in late) > 1.3 * sum(len(client.polls[c]) for c in late)
     median_lag = statistics.median(client.lags[c] for c in late)
     assert statistics.median(fixed.lags[c] for c in late) > 1.5 * median_lag
+
+
+# -- the expected ready ranges a run starts from -----------------------------------------------
+
+
+def test_expected_ready_reads_ranges_points_and_none() -> None:
+    """The option's text: ranges and single ages, in seconds, or none; shown as it reads."""
+    assert ExpectedReady.parse("7-8, 14 ,1.5-2").ranges == ((7.0, 8.0), (14.0, 14.0), (1.5, 2.0))
+    assert ExpectedReady.parse(" None ").ranges == ()
+    assert str(DOCUMENTED_READY) == "7-8,14-15,18-51,30-40"
+    assert ExpectedReady.parse(str(DOCUMENTED_READY)) == DOCUMENTED_READY
+    assert str(NO_EXPECTATION) == "none"
+    assert DOCUMENTED_READY.scaled(0.5).ranges[0] == (3.5, 4.0)
+
+
+@pytest.mark.parametrize("text", ["", "8-7", "a-b", "7-8,", "-3", "1e9999-1e99999", "7..8"])
+def test_expected_ready_refuses_what_is_not_ranges_of_seconds(text: str) -> None:
+    """Each refusal says what the option takes."""
+    with pytest.raises(UsageError, match="--expected-ready"):
+        ExpectedReady.parse(text)
+
+
+def test_expected_ready_ages_spread_evenly_over_each_range() -> None:
+    """The same count in each range, none outside it."""
+    ages = ExpectedReady(((7.0, 8.0), (20.0, 20.0))).ages(8)
+    assert len(ages) == 8
+    assert all(7.0 < a < 8.0 for a in ages[:4])
+    assert list(ages[4:]) == [20.0] * 4
+
+
+def test_the_documented_ranges_plan_the_first_polls_just_after_each() -> None:
+    """Before any id is seen, a schedule seeded with the public timings polls an id again
+    just after 8 s and then just after 15 s (the gemini and chatgpt ranges), not at 4, 10 s."""
+    schedule = replace(POLICY, expected_ready=DOCUMENTED_READY).schedule()
+    assert schedule.plans == 1
+    first = schedule.next_poll(1, 0.0)
+    assert 8.0 <= first <= 8.5
+    second = first + schedule.next_poll(2, first)
+    assert 15.0 <= second <= 15.6
+    assert schedule.horizon > 30.0
+
+
+def test_no_expectation_or_a_fixed_interval_keeps_to_the_rule() -> None:
+    """``none``: 4 s growing 1.5x until learned; a fixed interval ignores the ranges."""
+    assert POLICY.schedule().next_poll(1, 0.0) == 4.0
+    fixed = replace(POLICY, max_poll_interval=4.0, expected_ready=DOCUMENTED_READY).schedule()
+    assert fixed.plans == 0
+    assert fixed.next_poll(3, 8.1) == 4.0
+
+
+@virtual_time
+async def test_a_cohort_is_found_with_fewer_polls_and_no_later_than_every_4s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """400 ids all in play at once, ready 7-8 s or 14-15 s after their first poll: with the
+    ranges expected, nothing has to be learned first; against a fixed 4 s the cohort needs
+    under 0.7x the polls and its median id is found no later."""
+    monkeypatch.undo()
+    random.seed(6)
+    rng = random.Random(3)
+    ids = make_ids(400)
+    delays = {
+        cid: rng.uniform(7.0, 7.95) if i % 2 else rng.uniform(14.0, 14.95)
+        for i, cid in enumerate(ids)
+    }
+    expected = replace(POLICY, expected_ready=ExpectedReady(((7.0, 8.0), (14.0, 15.0))))
+    client, _ = await harvest(delays, expected, in_play=400)
+    fixed, _ = await harvest(delays, replace(POLICY, max_poll_interval=4.0), in_play=400)
+    assert set(client.lags) == set(fixed.lags) == set(ids)
+    polls = sum(len(p) for p in client.polls.values())
+    assert polls < 0.7 * sum(len(p) for p in fixed.polls.values())
+    assert statistics.median(client.lags.values()) <= statistics.median(fixed.lags.values())
+
+
+@virtual_time
+async def test_re_polls_wait_longer_only_while_the_rate_holds_first_polls_back() -> None:
+    """The same 200 ids, all in play: at 1000/s their first polls take 0.2 s, so an id is asked
+    again just after the first range (8 s); at 10/s they take 20 s, longer than a poll
+    interval, and the first range is not worth a re-poll that puts off a first poll."""
+    ids = make_ids(200)
+    delays = dict.fromkeys(ids, 14.5)
+    policy = replace(POLICY, expected_ready=ExpectedReady(((7.0, 8.0), (14.0, 15.0))))
+    fast, _ = await harvest(delays, policy, in_play=200)
+    assert 8.0 <= fast.polls[ids[0]][1] - fast.polls[ids[0]][0] <= 8.6
+    slow, _ = await harvest(delays, policy, in_play=200, rate=10.0)
+    assert slow.polls[ids[0]][1] - slow.polls[ids[0]][0] >= 15.0
+    assert len(slow.polls[ids[0]]) == 2

@@ -135,6 +135,7 @@ async def run_demo(*, count: int, out: Path, progress: bool = True) -> int:
             max_in_play=1000,
             poll_interval=base.poll_interval * scale * 2,
             max_poll_interval=base.max_poll_interval * scale,
+            expected_ready=base.expected_ready.scaled(scale),
             max_wait=base.max_wait * scale,
             backoff_base=base.backoff_base * scale,
             backoff_max=base.backoff_max * scale,
