@@ -125,6 +125,13 @@ def _shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _expected_ready_arg(text: str) -> ExpectedReady:
+    try:
+        return ExpectedReady.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     """The options of ``run`` (also those of ``config show``): each one a setting."""
     p.add_argument(
@@ -221,7 +228,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--expected-ready",
-        type=ExpectedReady.parse,
+        type=_expected_ready_arg,
         default=DEFAULTS["expected_ready"],
         metavar="RANGES",
         help="seconds after its first poll in which an id is expected to be ready, as "

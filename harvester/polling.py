@@ -95,12 +95,11 @@ class ExpectedReady:
 
     def __post_init__(self) -> None:
         if len(self.ranges) > MAX_RANGES:
-            raise UsageError(f"--expected-ready takes at most {MAX_RANGES} ranges")
+            raise UsageError(f"at most {MAX_RANGES} ready ranges can be given")
         for lo, hi in self.ranges:
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
                 raise UsageError(
-                    f"--expected-ready: {lo:g}-{hi:g} is not a range of seconds "
-                    "(LO-HI with 0 <= LO <= HI)"
+                    f"{lo:g}-{hi:g} is not a range of seconds (LO-HI with 0 <= LO <= HI)"
                 )
 
     @classmethod
@@ -114,7 +113,7 @@ class ExpectedReady:
             match = _RANGE.fullmatch(part.strip())
             if match is None:
                 raise UsageError(
-                    f"--expected-ready takes ranges of seconds such as 7-8,14-15 or none "
+                    f"give ready ranges in seconds, such as 7-8,14-15, or none "
                     f"(got {part.strip()!r})"
                 )
             lo = float(match[1])

@@ -142,8 +142,24 @@ def test_module_entry_point_and_help() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [["--rate", "-5"], ["--rate", "abc"], ["--shard", "2/2"], ["--bogus"], ["--concurrency", "x"]],
-    ids=["negative", "not-a-number", "shard", "unknown-option", "not-an-int"],
+    [
+        ["--rate", "-5"],
+        ["--rate", "abc"],
+        ["--shard", "2/2"],
+        ["--bogus"],
+        ["--concurrency", "x"],
+        ["--expected-ready", "5-x"],
+        ["--expected-ready", "9-3"],
+    ],
+    ids=[
+        "negative",
+        "not-a-number",
+        "shard",
+        "unknown-option",
+        "not-an-int",
+        "ready-not-a-range",
+        "ready-reversed",
+    ],
 )
 def test_a_bad_command_line_is_one_line_naming_the_commands_help(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
