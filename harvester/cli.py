@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -118,18 +118,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _shard_arg(text: str) -> Shard:
-    try:
-        return Shard.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+def _parsed_by(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse ``type=``: its UsageError becomes argparse's one-line error."""
 
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
 
-def _expected_ready_arg(text: str) -> ExpectedReady:
-    try:
-        return ExpectedReady.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return convert
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -228,7 +226,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--expected-ready",
-        type=_expected_ready_arg,
+        type=_parsed_by(ExpectedReady.parse),
         default=DEFAULTS["expected_ready"],
         metavar="RANGES",
         help="seconds after its first poll in which an id is expected to be ready, as "
@@ -275,7 +273,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--shard",
-        type=_shard_arg,
+        type=_parsed_by(Shard.parse),
         default=DEFAULTS["shard"],
         metavar="K/N",
         help="harvest only shard K of N (0-based) by a stable hash of the id; N processes "
