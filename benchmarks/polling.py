@@ -14,7 +14,10 @@ in ``/_sim/stats``, in real-scale seconds). The two schedules alternate, ``--rou
 Cases (all on the realistic profile, at a ``--rate`` the ids never reach but in backfill):
 ``stream`` (ids enter as others finish, as in any input longer than ``--max-in-play``),
 ``cohort`` (every id in play at once: the run can learn nothing before their own polls) and
-``backfill`` (many more ids in play than ``--rate`` can poll every 4 s: queueing decides).
+``backfill`` (many more ids in play than ``--rate`` can poll every 4 s: queueing decides) and
+``backfill-queued``, the same with every ready delay counted from the round's start (every prompt
+queued just before the harvest) rather than from the id's first poll, so the lag includes the
+wait for a first poll. ``--cases`` runs some cases and updates only those in a saved result.
 
     python -m benchmarks.polling --rounds 3        # -> results/polling.{json,png}
 """
@@ -53,7 +56,12 @@ CASES: dict[str, tuple[int, float, int]] = {
     "stream": (4000, 1000.0, 400),
     "cohort": (2000, 1000.0, 5000),
     "backfill": (4000, 60.0, 5000),
+    "backfill-queued": (4000, 60.0, 5000),
 }
+# Cases whose simulator counts each ready delay from the round's start (``serve
+# --queued-at-start``: every prompt queued just before the harvest), not from the id's first
+# poll: a schedule that reaches an id late then finds it late, and the lag shows it.
+QUEUED_AT_START = frozenset({"backfill-queued"})
 # name -> (--poll-interval, --max-poll-interval), real-scale seconds
 SCHEDULES: dict[str, tuple[float, float]] = {"default": (4.0, 30.0), "fixed-4s": (4.0, 4.0)}
 # --before DIR adds "before": the default flags, run by the harvester found in DIR (say, an
@@ -169,6 +177,32 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def merged(result: dict[str, Any]) -> dict[str, Any]:
+    """``result``, with the cases it did not run kept from the saved one (same rounds and
+    scale), so one case can be re-measured alone."""
+    path = RESULTS / "polling.json"
+    if not path.exists():
+        return result
+    saved = json.loads(path.read_text())
+    if (saved.get("rounds"), saved.get("scale")) != (result["rounds"], result["scale"]):
+        return result
+    ran = set(result["cases"])
+    kept = {name: spec for name, spec in saved["cases"].items() if name not in ran}
+    if not kept:
+        return result
+    order = [name for name in CASES if name in ran or name in kept]
+    cases = {**kept, **result["cases"]}
+    medians = {**saved["medians"], **result["medians"]}
+    runs = [r for r in saved["runs"] if r["case"] not in ran] + result["runs"]
+    return {
+        **result,
+        "cases": {name: cases[name] for name in order},
+        "medians": {name: medians[name] for name in order if name in medians},
+        "runs": runs,
+        "updated_cases": sorted(ran),
+    }
+
+
 def plot(result: dict[str, Any]) -> None:
     """Per case: polls per completed id and median/p90 lag, default beside fixed 4 s."""
     try:
@@ -197,12 +231,12 @@ def plot(result: dict[str, Any]) -> None:
         for x, v in zip(xs, p50, strict=True):
             axes[1].text(x, v * 1.01, f"{v:.1f}", ha="center", fontsize=8)
     for ax in axes:
-        ax.set_xticks(range(len(cases)), cases)
+        ax.set_xticks(range(len(cases)), [c.replace("-", "\n") for c in cases])
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("polls per completed id")
     axes[1].set_ylabel("detection lag, s (ready -> served)")
     axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle(
         f"realistic profile, median of {result['rounds']} rounds (time scale {result['scale']})",
         fontsize=10,
@@ -229,8 +263,9 @@ def main() -> None:
         schedules.append(BEFORE)
     runs: list[dict[str, Any]] = []
     seed = 100
-    with simulator_process("realistic", args.scale) as url:
-        for case in cases:
+    for case in cases:
+        extra = ("--queued-at-start",) if case in QUEUED_AT_START else ()
+        with simulator_process("realistic", args.scale, 0.0, *extra) as url:
             print(f"{case}: {CASES[case][0]} ids, --rate {CASES[case][1]:g} (real scale)")
             for round_ in range(1, args.rounds + 1):
                 # Alternate which schedule goes first, so drift in the machine's load is shared.
@@ -263,6 +298,7 @@ def main() -> None:
         print(f"{case}: {per}")
     if args.no_save:
         return
+    result = merged(result)
     path = save("polling", result)
     print(f"-> {path}")
     plot(result)

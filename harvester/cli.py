@@ -460,6 +460,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the Retry-After of those 429s [%(default)s]",
     )
+    p.add_argument(
+        "--queued-at-start",
+        action="store_true",
+        help="count every id's ready delay from the server's start (or POST /_sim/reset), as "
+        "if every prompt was queued then [off: from the id's first request]",
+    )
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
@@ -748,6 +754,7 @@ def _cmd_serve(args: argparse.Namespace, argv: list[str], resolved: Resolved | N
             first_poll_throttle_share=args.first_poll_throttle_share,
             saturated_s=args.saturated,
             saturated_retry_after_s=args.saturated_retry_after,
+            queued_at_start=args.queued_at_start,
         )
     )
     return 0

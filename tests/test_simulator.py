@@ -171,6 +171,30 @@ async def test_retrieving_until_the_scaled_delay_from_first_sighting() -> None:
     assert body == orjson.dumps(expected_completion(id_, seed=0, profile=QUIET))
 
 
+async def test_queued_at_start_counts_ready_delays_from_start_and_each_reset() -> None:
+    """With queued_at_start an id first polled late is ready at start + delay, and found
+    late (its detection lag counts from there); a reset queues every id anew."""
+    clock = FakeClock(100.0)
+    late, other = completing("chatgpt"), completing("gemini")
+    queued = replace(QUIET, queued_at_start=True)
+    delay = {i: plan_for(i, seed=0, profile=queued).ready_delay_s * 0.5 for i in (late, other)}
+    app = make_app(profile=queued, time_scale=0.5, clock=clock)
+    async with running(app) as client:
+        clock.now = 100.0 + delay[late] - 0.01
+        assert (await get(client, late))[0] == 202  # first poll: not ready yet, as queued
+        clock.now = 100.0 + delay[late] + 3.0  # no first-sighting clock: ready since 3 s
+        assert (await get(client, late))[0] == 200
+        lags = app[STATS_KEY].detection._lags
+        assert lags == [pytest.approx(6.0)]  # 3 s at time scale 0.5
+        clock.now = 200.0
+        async with client.post("/_sim/reset") as response:
+            assert response.status == 200
+        clock.now = 200.0 + delay[other] - 0.01  # before the reset it would be long ready
+        assert (await get(client, other))[0] == 202
+        clock.now = 200.0 + delay[other] + 0.01
+        assert (await get(client, other))[0] == 200
+
+
 async def test_failed_ids_stay_failed() -> None:
     """A failing id answers retrieving, then 202 failed on every later poll."""
     clock = FakeClock()

@@ -8,7 +8,8 @@ the newer ``GET /ai?id=<uuid>`` answers by the same plans, its status objects wi
 * Everything about an id is derived from ``blake2b(seed:id)`` (:mod:`.plans`): whether it
   completes or fails, its model, its ready delay, its first-poll throttle and its content
   (:mod:`.content`). Same seed and id -> byte-identical 200 body, every time.
-* The ready delay runs from the first request that names the id. Before it: 202
+* The ready delay runs from the first request that names the id (or, with the profile's
+  ``queued_at_start``, from the server's start or last reset). Before it: 202
   ``{"status":"retrieving"}``; after it: 200 Completion or 202 ``{"status":"failed"}`` (terminal).
   ``Accept: text/html`` without ``application/json`` gets the ``html`` field as ``text/html``.
 * Faults (:mod:`.faults`: 500/502/504, 429/503 with ``Retry-After``, dropped connections,

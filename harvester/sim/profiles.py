@@ -135,6 +135,10 @@ class Profile:
     # GET /ai?id= only: seconds a finished conversation answers {"status":"archiving"} (200)
     # before its Completion; the older endpoint goes straight to the Completion.
     archiving_s: float = 0.0
+    # Where an id's ready delay starts: False, at its first request (the id is unknown until
+    # then); True, when the server started or was last reset (POST /_sim/reset), as when
+    # every prompt was queued just before the harvest, so a late first poll is a late find.
+    queued_at_start: bool = False
 
     def __post_init__(self) -> None:
         """Reject settings the simulator cannot honour, saying which value to change."""

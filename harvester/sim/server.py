@@ -12,7 +12,8 @@ the saturation window and ``Retry-After``. ``Retry-After`` is whole seconds when
 
 ``GET /_sim/stats`` (JSON, no auth) shows what the server served, ``detection`` included: how
 many polls each completed id took and how long after its ready time its Completion was first
-served (unscaled seconds); ``POST /_sim/reset`` zeroes it.
+served (unscaled seconds); ``POST /_sim/reset`` zeroes it. A ready delay runs from the id's
+first request, or with the profile's ``queued_at_start`` from the server's start or last reset.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class _Server:
         self.capacity = CapacityBucket(profile.capacity_rps)
         self.rng = random.Random(f"faults:{seed}")
         self.started = clock()
+        self.queued_at = self.started  # the ready delays' start, with queued_at_start
         self.faults = FaultDraws(
             self.rng,
             profile.fault_shares(),
@@ -135,7 +137,12 @@ class _Server:
         ready_at = now
         # Tracked only where it matters: a ready delay, or an archiving spell to time.
         if plan.ready_delay_s > 0 or (newer_form and self.profile.archiving_s > 0):
-            ready_at = self.first_seen.setdefault(id_, now) + plan.ready_delay_s * self.time_scale
+            origin = (
+                self.queued_at
+                if self.profile.queued_at_start
+                else self.first_seen.setdefault(id_, now)
+            )
+            ready_at = origin + plan.ready_delay_s * self.time_scale
         first_request = False
         if plan.first_poll_throttle is not None and id_ not in self.first_polled:
             self.first_polled.add(id_)
@@ -227,8 +234,10 @@ class _Server:
         return _json(orjson.dumps(self.stats.as_dict()))
 
     async def reset_view(self, request: web.Request) -> web.Response:
-        """Zero the stats and answer them."""
+        """Zero the stats and answer them; with ``queued_at_start``, every id counts as
+        queued now (a benchmark's next round starts its ready clocks here)."""
         self.stats.reset()
+        self.queued_at = self.clock()
         return _json(orjson.dumps(self.stats.as_dict()))
 
 
@@ -359,6 +368,7 @@ async def serve(
     saturated_s: float = 0.0,
     saturated_retry_after_s: int = 2,
     retry_after: int | None = None,
+    queued_at_start: bool = False,
 ) -> None:
     """Run the simulator until cancelled, saying where it listens on stderr.
 
@@ -366,7 +376,8 @@ async def serve(
     override the profile's value unless left at their defaults; ``latency`` (seconds) sets a
     fixed added latency per request (or, with ``jitter``, its lognormal median, ``jitter`` the
     sigma; ``jitter`` alone changes the profile's sigma), ``retry_after`` (whole seconds) every
-    fault's Retry-After.
+    fault's Retry-After; ``queued_at_start`` counts every ready delay from the server's start
+    (or last reset) instead of the id's first request.
     """
     chosen = resolve_profile(profile)
     given: dict[str, Any] = {
@@ -374,6 +385,7 @@ async def serve(
         "first_poll_throttle_share": first_poll_throttle_share,
         "saturated_s": saturated_s,
         "saturated_retry_after_s": saturated_retry_after_s,
+        "queued_at_start": queued_at_start,
     }
     defaults = {f.name: f.default for f in fields(Profile)}
     overrides = {name: value for name, value in given.items() if value != defaults[name]}
