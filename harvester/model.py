@@ -64,3 +64,13 @@ class Completion(TypedDict):
     subdivision: str | None
     city: str | None
     extra: str | None
+
+
+class Headline(TypedDict):
+    """What the sink reads of a Completion it stores from the answer's JSON line
+    (``sink._Bodies``): the partition's model and the fields beyond the spec. A long answer
+    is checked without decoding its long strings (``client.parse_long_ok``), so this is all
+    the loop ever has of it; a ``Completion`` is one too."""
+
+    model: str
+    extra: str | None

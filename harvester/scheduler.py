@@ -24,9 +24,10 @@ from .ids import Batch
 from .idset import DoneSet, IdSet
 from .intake import sort_out
 from .metrics import MAX_WAIT_REACHED, RETRIES_USED_UP, STOPPED, RunStats
-from .model import Completion, Kind
+from .model import Headline, Kind
 from .pacer import Pacer
 from .polling import NO_EXPECTATION, ExpectedReady, PollSchedule
+from .prepared import Prepared
 from .settings import RunSettings
 from .shard import WHOLE, Shard
 from .sink import ParquetSink
@@ -378,7 +379,7 @@ class Scheduler:
             self._retry_later(entry, self._policy.backoff(entry.failures))
 
     async def _settle(
-        self, entry: _Entry, kind: Kind, doc: Completion | None, line: bytes | None
+        self, entry: _Entry, kind: Kind, doc: Headline | Prepared | None, line: bytes | None
     ) -> None:
         schedule = self.schedule
         if kind is Kind.RETRIEVING:
@@ -432,7 +433,7 @@ class Scheduler:
         self,
         conversation_id: str,
         kind: Kind,
-        doc: Completion | None,
+        doc: Headline | Prepared | None,
         polls: int,
         line: bytes | None = None,
     ) -> None:

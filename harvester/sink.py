@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from sys import getsizeof
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pyarrow as pa
 import pyarrow.json as pa_json
 
 from .dataset import FILE_SCHEMA, STRING_COLUMNS, partition_rel
-from .model import API_FIELDS, TEXT_FIELDS, Completion, Kind
+from .model import API_FIELDS, TEXT_FIELDS, Completion, Headline, Kind
 from .prepared import Prepared
 from .storage import Store, open_store
 
@@ -248,14 +248,15 @@ class ParquetSink:
         self,
         conversation_id: str,
         kind: Kind,
-        doc: Completion | Prepared | None,
+        doc: Completion | Headline | Prepared | None,
         polls: int,
         body: bytes | None = None,
     ) -> None:
         """Buffer one terminal row (``doc`` is the validated Completion for completed ids).
 
         ``body``: the JSON the Completion was read from, on one line; given, the row's text
-        is stored from it (``_Bodies``) rather than from ``doc``'s Python strings.
+        is stored from it (``_Bodies``) rather than from ``doc``'s Python strings, and
+        ``doc`` need only be its ``Headline`` (``client.parse_long_ok``).
         """
         now = self._clock()
         model = doc["model"] if doc is not None else None
@@ -288,7 +289,9 @@ class ParquetSink:
                 cols.fanouts.append(None)
                 cols.extra.append(None)
             else:
-                size = self._add_doc(cols, doc)
+                # Without its line a doc is the whole Completion: only poll_answer, which
+                # always gives the line, hands over a bare Headline.
+                size = self._add_doc(cols, cast(Completion, doc))
                 cols.nbytes += size
                 self._bytes += size
         self._bytes += 200

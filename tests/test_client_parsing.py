@@ -19,8 +19,11 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harvester import client as client_module
 from harvester.client import (
+    LONG_BODY_BYTES,
     CompletionsClient,
+    parse_long_ok,
     parse_ok,
     parse_retry_after,
     parse_status,
@@ -292,6 +295,139 @@ def test_unknown_status_message_is_clipped() -> None:
     assert len(str(info.value)) < 100
 
 
+# -- parse_long_ok: the same verdict as parse_ok, without decoding long strings ---------------
+
+LONG = '<p>é€𝄞"\\\n\t</p>' * (LONG_BODY_BYTES // 20)  # escapes and 1-4 byte characters
+
+
+def verdict(parse: Callable[[str, bytes], tuple[Kind, Any]], content_type: str, raw: bytes) -> Any:
+    """What a parser makes of an answer: its kind and what the sink reads of a Completion
+    (model and extra), or the label of the bad answer."""
+    try:
+        kind, doc = parse(content_type, raw)
+    except BadResponseError as exc:
+        return ("bad", exc.label)
+    return (kind, None if doc is None else (doc["model"], doc["extra"]))
+
+
+def long_body(**changes: Any) -> bytes:
+    """A Completion whose html and completion are each longer than LONG_BODY_BYTES."""
+    return body(completion(**{"html": LONG, "completion": LONG, **changes}))
+
+
+def spliced(raw: bytes, marker: bytes, replacement: bytes) -> bytes:
+    """``raw`` with its first ``marker`` replaced (a byte-level fault inside a long string)."""
+    assert marker in raw
+    return raw.replace(marker, replacement, 1)
+
+
+LONG_CASES = {
+    "completion": long_body(),
+    "charset and case": long_body(),
+    "extras": long_body(latency=1.5, tags={"a": [1, None]}),
+    "an integer past 64 bits": long_body()[:-1] + b',"big":' + b"9" * 30 + b"}",
+    "empty texts": long_body(query="", prompt="", sources="", ads=""),
+    "long model": long_body(model="m" * 100_000),
+    "long short fields": long_body(query="q" * 40_000, prompt="p" * 300, ads="a" * 255),
+    "null targeting and fanouts": long_body(device=None, city=None, fanouts=None),
+    "html a long list": long_body(html=["x"] * 20_000),
+    "html a long number": spliced(long_body(), body(LONG), b"9" * 300),
+    "fanouts wrong": long_body(fanouts=["a", 1]),
+    "model missing": body({k: v for k, v in orjson.loads(long_body()).items() if k != "model"}),
+    "status object": body({"status": "retrieving", "note": LONG}),
+    "unknown status": body({"status": "nope", "note": LONG}),
+    "a long list": body([LONG]),
+    "a long string": body(LONG),
+    "key twice": long_body()[:-1] + b', "model": "second"}',
+    "long key twice": long_body()[:-1] + b', "html": 5}',
+    "pretty": orjson.dumps(orjson.loads(long_body()), option=orjson.OPT_INDENT_2),
+    "truncated": long_body()[: LONG_BODY_BYTES + 10],
+    "trailing garbage": long_body() + b" x",
+    "trailing comma": long_body()[:-1] + b",}",
+    "bom": b"\xef\xbb\xbf" + long_body(),
+    "bad utf-8 in html": spliced(long_body(), "€".encode(), b"\xff\xfe"),
+    "overlong utf-8": spliced(long_body(), "é".encode(), b"\xc0\xaf"),
+    "utf-8 surrogate": spliced(long_body(), "€".encode(), b"\xed\xa0\x80"),
+    "cut character": spliced(long_body(), "€".encode(), b"\xe2\x82"),
+    "lone surrogate escape": spliced(long_body(), b"\\n", b"\\ud800"),
+    "bad escape": spliced(long_body(), b"\\n", b"\\q"),
+    "raw control character": spliced(long_body(), b"\\t", b"\x01"),
+    "raw newline in a string": spliced(long_body(), b"\\n", b"\n"),
+    "nested 1000 deep": long_body()[:-1] + b',"deep":' + b"[" * 1000 + b"]" * 1000 + b"}",
+    "nested 2000 deep": long_body()[:-1] + b',"deep":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    "float out of range": long_body()[:-1] + b',"x":1e400}',
+    "NaN": long_body()[:-1] + b',"x":NaN}',
+    # A key sent twice: the split keeps the last value only, so the first must not go unread.
+    "bad value, then the key again": long_body()[:-1] + b',"device":1e400,"device":null}',
+    "bad first value of a long field": b'{"html":1e400,' + long_body()[1:],
+    "bad extra, then the key again": long_body()[:-1] + b',"x":' + b"9" * 400 + b',"x":1}',
+    "deep extra, then the key again": (
+        long_body()[:-1] + b',"x":' + b"[" * 1024 + b"]" * 1024 + b',"x":1}'
+    ),
+    # orjson's depth limit counts from the top of the body, not of the value.
+    "a value 1023 deep": long_body()[:-1] + b',"n":' + b"[" * 1023 + b"]" * 1023 + b"}",
+    "a value 1024 deep": long_body()[:-1] + b',"n":' + b"[" * 1024 + b"]" * 1024 + b"}",
+    "a status with a value 1024 deep": (
+        body({"status": "failed", "note": LONG})[:-1] + b',"n":' + b"[" * 1024 + b"]" * 1024 + b"}"
+    ),
+    "escaped key spellings": spliced(
+        spliced(long_body(), b'"html"', b'"ht\\u006dl"'), b'"model"', b'"mod\\u0065l"'
+    ),
+    "spaces between members": spliced(long_body(), b'","', b'" , "'),
+    "trailing newline": long_body() + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("content_type", [JSON, "Application/JSON; charset=utf-8", "text/html"])
+@pytest.mark.parametrize("raw", LONG_CASES.values(), ids=LONG_CASES.keys())
+def test_parse_long_ok_agrees_with_parse_ok(raw: bytes, content_type: str) -> None:
+    """For every long answer, sound or hostile, parse_long_ok decides what parse_ok decides:
+    the same kind, model and extra, or the same bad answer."""
+    assert len(raw) >= LONG_BODY_BYTES
+    assert verdict(parse_long_ok, content_type, raw) == verdict(parse_ok, content_type, raw)
+
+
+def test_parse_long_ok_reads_a_compact_answer_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compact long answer (as servers send them), with a trailing newline or not, is read
+    without parse_ok: the fast path is taken, not only agreed with."""
+
+    def refuse(content_type: str, raw: bytes) -> Any:
+        raise AssertionError("parse_ok was asked")
+
+    monkeypatch.setattr(client_module, "parse_ok", refuse)
+    for raw in (LONG_CASES["completion"], LONG_CASES["extras"], LONG_CASES["trailing newline"]):
+        assert parse_long_ok(JSON, raw)[0] is Kind.COMPLETED
+    assert parse_long_ok(JSON, LONG_CASES["status object"]) == (Kind.RETRIEVING, None)
+
+
+def test_parse_long_ok_cases_are_not_all_alike() -> None:
+    """The cases above reach every verdict (the agreement is not vacuous)."""
+    seen = {verdict(parse_ok, JSON, raw)[0] for raw in LONG_CASES.values()}
+    assert {Kind.COMPLETED, Kind.RETRIEVING, "bad"} <= seen
+    labels = {verdict(parse_ok, JSON, raw) for raw in LONG_CASES.values()}
+    assert {("bad", "bad_json"), ("bad", "bad_shape"), ("bad", "unknown_status")} <= labels
+
+
+@given(
+    texts=st.lists(st.text(st.characters(exclude_categories=["Cs"]), max_size=60), min_size=7),
+    where=st.floats(0, 1),
+    fault=st.binary(min_size=1, max_size=3),
+    drop=st.integers(0, 3),
+)
+def test_parse_long_ok_agrees_after_any_byte_fault(
+    texts: list[str], where: float, fault: bytes, drop: int
+) -> None:
+    """Any text, then any few bytes put in place of others anywhere in the body: both
+    parsers reach the same verdict."""
+    names = ("query", "html", "prompt", "completion", "sources", "ads", "x")
+    fields = dict(zip(names, texts, strict=False))  # the texts past the names are unused
+    fields["html"] = LONG + fields["html"]
+    raw = long_body(**fields)
+    at = int(where * (len(raw) - 1))
+    raw = raw[:at] + fault + raw[at + drop :]
+    assert verdict(parse_long_ok, JSON, raw) == verdict(parse_ok, JSON, raw)
+
+
 # -- parse_retry_after ------------------------------------------------------------------------
 
 
@@ -441,6 +577,29 @@ async def test_client_200_completion() -> None:
         kind, doc = await client.poll(ID)
     assert kind is Kind.COMPLETED
     assert doc == {**completion(), "extra": None}
+
+
+async def test_client_long_answer_gives_the_sink_its_headline_and_line() -> None:
+    """A long Completion reaches the sink as its model, extra and one-line JSON (the long
+    strings never decoded on the loop); ``poll`` still returns the whole Completion, and a
+    long bad answer is refused alike by both."""
+    raw = long_body(tag=1) + b"\n"
+    async with api(answer(200, raw, {"Content-Type": JSON}), max_body=len(raw)) as client:
+        kind, doc, line = await client.poll_answer(ID)
+        assert (kind, doc) == (Kind.COMPLETED, {"model": "chatgpt", "extra": '{"tag":1}'})
+        assert line is not None
+        assert b"\n" not in line
+        assert orjson.loads(line) == orjson.loads(raw)
+        assert await client.poll(ID) == (
+            Kind.COMPLETED,
+            {**completion(html=LONG, completion=LONG), "extra": '{"tag":1}'},
+        )
+    broken = spliced(raw, "€".encode(), b"\xff")
+    async with api(answer(200, broken, {"Content-Type": JSON}), max_body=len(raw)) as client:
+        with bad("bad_json"):
+            await client.poll_answer(ID)
+        with bad("bad_json"):
+            await client.poll(ID)
 
 
 async def test_client_200_html_is_bad_response() -> None:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harvester import sink as sink_module
-from harvester.client import json_line, parse_ok
+from harvester.client import LONG_BODY_BYTES, json_line, parse_long_ok, parse_ok
 from harvester.model import API_FIELDS, EXTRA_FIELD, Kind
 from harvester.sink import ParquetSink
 
@@ -93,6 +93,44 @@ async def test_any_completion_is_stored_as_validated(
     body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if pretty else 0)
     root = tmp_path_factory.mktemp("bodies")
     assert_stored(root, await store(root, [body]))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    model=TEXT,
+    texts=st.lists(TEXT, min_size=6, max_size=6),
+    extra=st.dictionaries(TEXT, TEXT, max_size=2),
+    pretty=st.booleans(),
+)
+async def test_a_long_answer_stored_from_its_headline_is_the_completion(
+    tmp_path_factory: pytest.TempPathFactory,
+    model: str,
+    texts: list[str],
+    extra: dict[str, Any],
+    pretty: bool,
+) -> None:
+    """A long answer, checked by parse_long_ok (which never decodes its long strings) and
+    stored from its line, is in the file exactly as parse_ok reads it."""
+    doc = api_document(model, fanouts=texts[:2])
+    for n, name in enumerate(("query", "html", "prompt", "completion", "sources", "ads")):
+        doc[name] = texts[n] * (1 + LONG_BODY_BYTES // (1 + len(texts[n].encode())) // 3)
+    doc.update({key: value for key, value in extra.items() if key not in doc})
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if pretty else 0)
+    if len(body) < LONG_BODY_BYTES:
+        body = orjson.dumps({**doc, "html": doc["html"] + "x" * LONG_BODY_BYTES})
+    kind, headline = parse_long_ok("application/json", body)
+    _, expected = parse_ok("application/json", body)
+    assert kind is Kind.COMPLETED
+    assert headline is not None
+    assert expected is not None
+    root = tmp_path_factory.mktemp("long")
+    sink = ParquetSink(root, run_id="r")
+    (conversation_id,) = make_ids(1)
+    sink.add(conversation_id, kind, headline, 1, json_line(body))
+    await sink.flush()
+    assert_stored(root, [(conversation_id, expected)])
 
 
 async def test_bodies_and_strings_give_the_same_files(tmp_path: Path) -> None:
