@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
+from .allocator import fix_malloc_thresholds
 from .bigbody import BigBodies
 from .client import CompletionsClient
 from .collector import quiet_collector
@@ -223,6 +224,7 @@ class Run:
             else None
         )
         lag = asyncio.create_task(LoopLagMonitor(self.stats.loop_lag).watch())
+        fix_malloc_thresholds()  # freed buffers go back to the system (allocator.py)
         try:
             with progress, quiet_collector():
                 await self._run_scheduler(scheduler, batches, done)
