@@ -30,7 +30,7 @@ from harvester.idset import DoneSet, IdSet
 from harvester.metrics import RETRIES_USED_UP, RunStats
 from harvester.model import Completion, Kind
 from harvester.pacer import Pacer
-from harvester.scheduler import Policy, Scheduler
+from harvester.scheduler import ADMIT_PER_STEP, Policy, Scheduler
 from harvester.sink import ParquetSink
 
 from .clocks import virtual_time
@@ -326,3 +326,36 @@ async def test_input_read_once_the_feeder_is_done() -> None:
     _, _, stats, scheduler = await run_with({cid: [Kind.COMPLETED] for cid in ids})
     assert scheduler.input_read()
     assert stats.unique_ids == 5
+
+
+@virtual_time
+async def test_the_feeder_admits_a_bounded_number_of_ids_per_loop_turn() -> None:
+    """With rooms free for a whole batch, the feeder still hands the loop back every
+    ``ADMIT_PER_STEP`` ids: admitting thousands in one step held the loop for milliseconds."""
+    ids = make_ids(5 * ADMIT_PER_STEP + 7)
+    client, sink = ScriptedClient({cid: [Kind.COMPLETED] for cid in ids}), ListSink()
+    scheduler = Scheduler(
+        client=cast(CompletionsClient, client),
+        pacer=Pacer(1e6),
+        sink=cast(ParquetSink, sink),
+        stats=RunStats(),
+        policy=POLICY,
+        concurrency=1,
+        max_in_play=len(ids),
+    )
+    seen: list[int] = []
+
+    async def watch() -> None:
+        for _ in range(100_000):  # bounded: the feeder is done long before
+            seen.append(scheduler.in_play)
+            if scheduler.input_read():
+                return
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    await scheduler.run(batches_of(ids), IdSet(), DoneSet())
+    await watcher
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(steps) <= ADMIT_PER_STEP
+    assert sum(s for s in steps if s > 0) >= len(ids) - ADMIT_PER_STEP  # it saw them come in
+    assert len(sink.rows) == len(ids)
