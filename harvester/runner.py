@@ -238,6 +238,9 @@ class Run:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            # A write back-pressure handed over may still run: it ends (or its failure is
+            # raised) before the files are counted and the lease is released.
+            await sink.settle()
             # Stopped early: no row, and the next run polls them.
             self.stats.count_unresolved(STOPPED, scheduler.in_play)
             self.stats.rows_written = sink.rows_written

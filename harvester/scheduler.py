@@ -451,4 +451,4 @@ class Scheduler:
 
     async def _backpressure(self) -> None:
         if self._sink.overfull():
-            await self._sink.flush(only_if_full=True)  # memory stays bounded
+            await self._sink.make_room()  # memory stays bounded

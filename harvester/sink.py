@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,13 @@ _SIZED = frozenset(TEXT_FIELDS)
 SLICE_BYTES = 256 * 1024
 # A flush is written in row groups of about this much text (``_Columns.pieces``).
 ROW_GROUP_BYTES = 8 * 1024 * 1024
+# Rows of at least this much text on average are converted with more threads: Arrow's JSON
+# reader parses blocks in its pool, and each row group is made while the last is encoded
+# (``_ahead``). Then the writer sets the pace (at 200 KB pages it was busy all the time, the
+# loop thread a third of it): the two took a harvest from 790 to 1,050 rows/s. With short
+# rows the loop sets it, and the extra threads only took CPU from it: 4-10% fewer rows/s at
+# 5 KB pages. Measured in alternating runs against nginx (``benchmarks/throughput.py``).
+LONG_ROW_BYTES = 32 * 1024
 # The Completion's columns as Arrow's JSON reader is asked for them (``_Bodies``).
 _BODY_SCHEMA = pa.schema([FILE_SCHEMA.field(name) for name in API_FIELDS])
 _BODY_PARSE = pa_json.ParseOptions(explicit_schema=_BODY_SCHEMA, unexpected_field_behavior="ignore")
@@ -191,7 +199,10 @@ class _Bodies:
             return _BODY_SCHEMA.empty_table()
         data = b"\n".join(lines)
         longest = max(map(len, lines))
-        options = pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, longest + 2))
+        options = pa_json.ReadOptions(
+            use_threads=len(data) >= LONG_ROW_BYTES * len(lines),
+            block_size=max(1 << 20, longest + 2),
+        )
         try:
             table = pa_json.read_json(
                 pa.BufferReader(data), read_options=options, parse_options=_BODY_PARSE
@@ -230,7 +241,8 @@ class ParquetSink:
         self._rows = 0
         self._bytes = 0
         self._seq = 1  # 0 is the empty file a fresh DIR starts with (``commit_empty``)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # held while handing a buffer over, not while it is written
+        self._writing: asyncio.Future[None] | None = None  # the last write started
         self._full = asyncio.Event()
         self._day = (-1, "")
         self.rows_written = 0
@@ -311,37 +323,64 @@ class ParquetSink:
 
     async def commit_periodically(self, interval: float) -> None:
         """Commit when the buffer is full, and at least every ``interval`` seconds (the most
-        a crash can lose); runs until cancelled."""
+        a crash can lose); runs until cancelled, or raises when a commit failed."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), interval)
             await self.flush()
 
-    async def flush(self, *, only_if_full: bool = False) -> None:
-        """Commit everything buffered so far; the encoding runs in a worker thread.
+    async def flush(self) -> None:
+        """Commit everything buffered so far (after the write in progress, if any) and wait
+        for it; the encoding runs in a worker thread."""
+        write = await self._hand_over(only_if_full=False)
+        if write is not None:
+            await _committed(write)
 
-        ``only_if_full``: a producer waiting for back-pressure skips the flush if another one
-        emptied the buffer meanwhile, rather than committing a file of a few rows.
+    async def make_room(self) -> None:
+        """Return once the buffer takes rows again: the write in progress has ended and the
+        full buffer has gone to the writer, or another producer has done so meanwhile.
+
+        Not once that buffer is committed: a producer held by back-pressure then polls on
+        while the writer writes. Waiting for the commit made the two alternate instead (at
+        200 KB pages the loop thread was busy a third of the time, the writer half).
         """
+        await self._hand_over(only_if_full=True)
+
+    async def settle(self) -> None:
+        """Wait for the write in progress, if any; raise if it (or an earlier one) failed."""
         async with self._lock:
-            if not self._rows or (only_if_full and not self.full()):
-                return
+            await self._previous()
+
+    async def _hand_over(self, *, only_if_full: bool) -> asyncio.Future[None] | None:
+        """Start committing the buffer, one write at a time: the write, or None if there was
+        nothing (or, ``only_if_full``, not enough) to commit."""
+        async with self._lock:
+            if only_if_full and not self.full():
+                return None  # another producer made room while this one waited
+            await self._previous()
+            if not self._rows:
+                return None
             self._full.clear()
             parts, self._parts = self._parts, {}
             bodies, self._bodies = self._bodies, {}
             self._rows, self._bytes = 0, 0
             keys = list(dict.fromkeys([*parts, *bodies]))  # one file a partition
             seq, self._seq = self._seq, self._seq + len(keys)
-            write = asyncio.ensure_future(
+            write = self._writing = asyncio.ensure_future(
                 asyncio.to_thread(self._write_all, keys, parts, bodies, seq)
             )
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # These rows have left the buffer: their commit must land (or fail loudly)
-                # before anyone releases the lease or reads the dataset.
-                await write
-                raise
+            write.add_done_callback(self._written)
+            return write
+
+    async def _previous(self) -> None:
+        """Wait for the last write started; its failure stays raised for every later call,
+        so no commit follows a lost one and the run's end reports it."""
+        if self._writing is not None:
+            await _committed(self._writing)
+
+    def _written(self, write: asyncio.Future[None]) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            self._full.set()  # wake commit_periodically, which raises it: the run stops now
 
     def _columns(self, key: tuple[str, str | None]) -> _Columns:
         cols = self._parts.get(key)
@@ -377,9 +416,13 @@ class ParquetSink:
         seq: int,
     ) -> None:
         for offset, key in enumerate(keys):
-            pieces = itertools.chain.from_iterable(
-                rows.pieces() for rows in (parts.get(key), bodies.get(key)) if rows
+            buffers = [rows for rows in (parts.get(key), bodies.get(key)) if rows]
+            pieces: Iterator[pa.Table] = itertools.chain.from_iterable(
+                rows.pieces() for rows in buffers
             )
+            count = sum(len(rows.id) for rows in buffers)
+            if sum(rows.nbytes for rows in buffers) >= LONG_ROW_BYTES * max(count, 1):
+                pieces = _ahead(pieces)
             self._write_one(partition_rel(*key), pieces, seq + offset)
 
     def _write_one(self, directory: str, tables: Iterator[pa.Table], seq: int) -> None:
@@ -388,6 +431,29 @@ class ParquetSink:
         # Counted here, in the writer thread, so a cancelled flush still counts its files.
         self.rows_written += rows
         self.files_written += 1
+
+
+def _ahead(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``tables``, each next one made in a helper thread while the caller encodes the one
+    before: Arrow parses the JSON and Parquet encodes a row group without the GIL, so the
+    two overlap. At 200 KB pages the parse took three quarters of the writer's time, and
+    the writer, not the loop, set the pace."""
+    with ThreadPoolExecutor(1, thread_name_prefix="harvester-rows") as pool:
+        pending = pool.submit(next, tables, None)
+        while (table := pending.result()) is not None:
+            pending = pool.submit(next, tables, None)
+            yield table
+
+
+async def _committed(write: asyncio.Future[None]) -> None:
+    """Wait for ``write``; if the waiter is cancelled, still wait for it before going on."""
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        # These rows have left the buffer: their commit must land (or fail loudly) before
+        # anyone releases the lease or reads the dataset.
+        await write
+        raise
 
 
 def commit_empty(root: Path | Store, run_id: str, now: float) -> None:

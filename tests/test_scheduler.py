@@ -106,7 +106,7 @@ class ListSink:
     def overfull(self) -> bool:
         return False
 
-    async def flush(self, *, only_if_full: bool = False) -> None:
+    async def make_room(self) -> None:
         return None
 
 

@@ -187,3 +187,34 @@ async def test_rows_from_bytes_and_strings_share_a_file(tmp_path: Path) -> None:
     assert rows[ids[0]]["html"] == rows[ids[1]]["html"] == doc["html"]
     assert rows[ids[2]]["html"] is None
     assert len(list(tmp_path.rglob("*.parquet"))) == 2  # completed (chatgpt) and failed (null)
+
+
+async def test_long_rows_take_the_threaded_path_to_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows past ``LONG_ROW_BYTES`` are parsed by Arrow's pool and made a row group ahead
+    (``_ahead``), across several row groups, and store exactly what the strings say; short
+    rows take neither (they would only take CPU from the loop)."""
+    monkeypatch.setattr(sink_module, "ROW_GROUP_BYTES", 256 * 1024)
+    made_ahead: list[int] = []
+    ahead = sink_module._ahead
+
+    def spy(tables: Any) -> Any:
+        made_ahead.append(1)
+        return ahead(tables)
+
+    monkeypatch.setattr(sink_module, "_ahead", spy)
+    text = '<p class="x">ça \\ \u2028 ✓ 𝄞</p>\n' * 2000  # ~64 KB, escapes and astral
+    bodies = [
+        orjson.dumps(api_document(model, html=f"{n}{text}")) for n, model in enumerate("ab" * 20)
+    ]
+    docs = await store(tmp_path / "lines", bodies)
+    assert made_ahead  # both partitions' rows are long
+    assert_stored(tmp_path / "lines", docs)
+    await store(tmp_path / "strings", bodies, as_lines=False)
+    assert [row["html"] for row in stored_rows(tmp_path / "strings")] == [
+        row["html"] for row in stored_rows(tmp_path / "lines")
+    ]
+    made_ahead.clear()
+    await store(tmp_path / "short", [orjson.dumps(api_document(html="short"))])
+    assert made_ahead == []
