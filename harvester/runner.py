@@ -21,7 +21,7 @@ from .client import CompletionsClient
 from .collector import quiet_collector
 from .compact import CompactSettings, compact, roll_forward
 from .dataset import check_layout, committed_files, load_done
-from .errors import ExitCode, InputError, UsageError, end_code
+from .errors import ExitCode, InputError, OutputError, UsageError, end_code
 from .exporter import MetricsServer, run_snapshot, serve_metrics
 from .http1 import Http1Transport
 from .ids import Batch, IdReader
@@ -236,18 +236,21 @@ class Run:
             for task in (flusher, reporter, lag):
                 if task is not None:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    # A failed commit ended the flusher: settle raises it just below.
+                    with contextlib.suppress(asyncio.CancelledError, OutputError):
                         await task
-            # A write back-pressure handed over may still run: it ends (or its failure is
-            # raised) before the files are counted and the lease is released.
-            await sink.settle()
-            # Stopped early: no row, and the next run polls them.
-            self.stats.count_unresolved(STOPPED, scheduler.in_play)
-            self.stats.rows_written = sink.rows_written
-            self.stats.files_written = sink.files_written
-            self.stats.paused_s = pacer.paused_seconds()
-            for start, end in pacer.controller.pauses(asyncio.get_running_loop().time()):
-                self.stats.timeline.add_pause(start, end, pacer.rate)
+            try:
+                # A write back-pressure handed over may still run: it ends (or its failure
+                # is raised) before the files are counted and the lease is released.
+                await sink.settle()
+            finally:
+                # Stopped early: no row, and the next run polls them.
+                self.stats.count_unresolved(STOPPED, scheduler.in_play)
+                self.stats.rows_written = sink.rows_written
+                self.stats.files_written = sink.files_written
+                self.stats.paused_s = pacer.paused_seconds()
+                for start, end in pacer.controller.pauses(asyncio.get_running_loop().time()):
+                    self.stats.timeline.add_pause(start, end, pacer.rate)
 
     async def _run_scheduler(
         self, scheduler: Scheduler, batches: AsyncIterator[Batch], done: DoneSet

@@ -446,14 +446,22 @@ def _ahead(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
 
 
 async def _committed(write: asyncio.Future[None]) -> None:
-    """Wait for ``write``; if the waiter is cancelled, still wait for it before going on."""
-    try:
-        await asyncio.shield(write)
-    except asyncio.CancelledError:
-        # These rows have left the buffer: their commit must land (or fail loudly) before
-        # anyone releases the lease or reads the dataset.
-        await write
-        raise
+    """Wait for ``write`` (raising its failure); cancelled, still wait for it to end, then
+    raise the cancellation.
+
+    These rows have left the buffer: their commit must land (or fail loudly) before anyone
+    releases the lease or reads the dataset. The write is shared (``_writing``: every later
+    flush and ``settle`` wait on it), so a waiter cancelled twice must not cancel it.
+    """
+    cancelled = False
+    while not write.done():
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    write.result()
 
 
 def commit_empty(root: Path | Store, run_id: str, now: float) -> None:

@@ -86,18 +86,47 @@ async def test_a_producer_under_back_pressure_waits_for_room_not_for_its_own_wri
 async def test_make_room_hands_nothing_over_once_another_producer_made_room(
     tmp_path: Path,
 ) -> None:
-    """Producers queued behind the one that handed the buffer over return without starting
-    a write of the few rows added since (no file of a handful of rows)."""
+    """Producers queued behind the write in progress: the first hands the full buffer over,
+    the others return without starting a write of the few rows added since (no file of a
+    handful of rows)."""
     store = GatedStore(tmp_path)
-    for gate in store.gates:
-        gate.set()
     sink = ParquetSink(store, run_id="r", flush_rows=3)
     fill(sink, make_ids(3, seed=62))
+    await sink.make_room()  # write 1 starts, held at its gate
+    fill(sink, make_ids(3, seed=63))
     waiters = [asyncio.create_task(sink.make_room()) for _ in range(5)]
+    await asyncio.sleep(0.02)
+    fill(sink, make_ids(1, seed=64))  # arrives while all five wait for write 1
+    store.gates[0].set()
     await asyncio.wait_for(asyncio.gather(*waiters), 5)
-    fill(sink, make_ids(1, seed=63))
-    await sink.settle()
-    assert store.started == 1
+    await eventually(lambda: store.started == 2)
+    store.gates[1].set()
+    await asyncio.wait_for(sink.settle(), 5)
+    assert store.started == 2  # write 1, and the 4 rows handed over once
+    assert len(read_rows(tmp_path)) == 7
+
+
+async def test_a_waiter_cancelled_twice_leaves_the_write_running(tmp_path: Path) -> None:
+    """A flush cancelled (twice: a second SIGINT) while its rows are being written still
+    waits for the write, which goes on, so settle waits for it too before the lease goes."""
+    store = GatedStore(tmp_path)
+    sink = ParquetSink(store, run_id="r", flush_rows=2)
+    fill(sink, make_ids(2, seed=69))
+    waiter = asyncio.create_task(sink.flush())
+    await eventually(lambda: store.started == 1)
+    for _ in range(2):
+        waiter.cancel()
+        await asyncio.sleep(0.02)
+    assert not waiter.done()
+    settling = asyncio.create_task(sink.settle())
+    await asyncio.sleep(0.02)
+    assert not settling.done()
+    store.gates[0].set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
+    await asyncio.wait_for(settling, 5)
+    assert store.committed == 1
+    assert len(read_rows(tmp_path)) == 2
 
 
 async def test_a_failed_write_is_raised_by_every_later_flush(tmp_path: Path) -> None:
@@ -194,6 +223,7 @@ def test_a_run_whose_commit_fails_raises_it_and_a_rerun_finishes(
         monkeypatch.setattr(LocalStore, "commit", failing)
         with pytest.raises(OutputError, match="no space left"):
             asyncio.run(harvest(settings))
+        assert calls["data"] == 3  # no commit after the failed one
         first = read_rows(out).column("id").to_pylist()
         assert 0 < len(first) < len(ids)
         assert not list(out.rglob(".*.tmp"))
